@@ -1,0 +1,37 @@
+"""Arguments and helpers several subcommands share."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def add_model_arg(p) -> None:
+    p.add_argument("model", nargs="?", default=None,
+                   help="HF model directory, GGUF file or quantized lowbit directory (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write JSON through a temporary file and a rename, so no half-written file is ever seen."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def console():
+    import sys
+
+    from rich.console import Console
+    # Piped output would be cut to 80 columns; tables read better wider.
+    return Console() if sys.stdout.isatty() else Console(width=120)

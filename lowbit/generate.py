@@ -1,0 +1,117 @@
+"""Generation with a contiguous KV cache: prefill the prompts once, then decode token by token.
+
+Batches of prompts of different lengths are left-padded: the cache masks the pad columns and each
+sequence's RoPE positions start at 0 at its first real token, so a padded row computes exactly what the
+prompt alone would (up to floating-point summation order).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from lowbit.config import SamplingParams
+from lowbit.errors import LowbitError
+from lowbit.models.kv_cache import KVCache
+from lowbit.sampling import sample
+
+
+@dataclass
+class GenerationOutput:
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None     # "eos" | "stop" | "length"
+
+
+@dataclass
+class GenerationStats:
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    prompt_tokens: int = 0
+    decode_steps: int = 0
+    batch: int = 1
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps * self.batch / self.decode_seconds if self.decode_seconds else 0.0
+
+    def summary(self) -> str:
+        return (f"prefill {self.prompt_tokens} tok in {self.prefill_seconds * 1e3:.1f} ms | "
+                f"decode {self.decode_steps} steps x {self.batch} in {self.decode_seconds:.2f} s "
+                f"= {self.decode_tokens_per_s:.1f} tok/s")
+
+
+def encode_prompt(tok, prompt: str, chat: bool = False) -> list[int]:
+    """Prompt text -> token ids, through the tokenizer's chat template when `chat`."""
+    if chat:
+        if not getattr(tok, "chat_template", None):
+            raise LowbitError("--chat: this model's tokenizer has no chat template")
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        return tok(text, add_special_tokens=False).input_ids
+    return tok(prompt).input_ids
+
+
+def _stop_at(text: str, stops: list[str]) -> int:
+    """Index where the earliest stop string starts in `text`, or -1."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(hits) if hits else -1
+
+
+@torch.inference_mode()
+def generate(model, tok, prompts: list[list[int]], params: SamplingParams,
+             on_token: Callable[[int, int], None] | None = None) -> tuple[list[GenerationOutput], GenerationStats]:
+    """Generate for a batch of token-id prompts; `on_token(row, token_id)` is called as tokens appear."""
+    cfg = model.config
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise LowbitError("prompts: every prompt needs at least one token")
+    B, L = len(prompts), max(len(p) for p in prompts)
+    if L + params.max_tokens > cfg.max_position_embeddings:
+        raise LowbitError(f"prompt ({L} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                          f"context of {cfg.max_position_embeddings}")
+    dev = model.device
+    pad = torch.tensor([L - len(p) for p in prompts], device=dev)                      # [B]
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=dev)          # [B, L]
+    cache = KVCache(cfg, B, L + params.max_tokens, model.dtype, dev, pad)
+    gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None else None
+    eos = set() if params.ignore_eos else set(cfg.eos_ids) | ({tok.eos_token_id} if tok and
+                                                               tok.eos_token_id is not None else set())
+    outs = [GenerationOutput(prompt_ids=list(p)) for p in prompts]
+    stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
+
+    t0 = time.perf_counter()
+    logits = model(ids, cache=cache, last_only=True)[:, -1]                            # [B, V]
+    stats.prefill_seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    for step in range(params.max_tokens):
+        nxt = sample(logits, params, gen)                                              # [B]
+        for b, o in enumerate(outs):
+            if o.finish_reason is not None:
+                continue
+            t = int(nxt[b])
+            if t in eos:
+                o.finish_reason = "eos"
+                continue
+            o.token_ids.append(t)
+            if on_token is not None:
+                on_token(b, t)
+            if params.stop and tok is not None:
+                cut = _stop_at(tok.decode(o.token_ids, skip_special_tokens=True), params.stop)
+                if cut >= 0:
+                    o.finish_reason = "stop"
+            if o.finish_reason is None and len(o.token_ids) >= params.max_tokens:
+                o.finish_reason = "length"
+        if all(o.finish_reason is not None for o in outs):
+            break
+        logits = model(nxt[:, None], cache=cache)[:, -1]
+        stats.decode_steps = step + 1
+    stats.decode_seconds = time.perf_counter() - t1 if stats.decode_steps else 0.0
+    for o in outs:
+        if tok is not None:
+            o.text = tok.decode(o.token_ids, skip_special_tokens=True)
+            if o.finish_reason == "stop":
+                o.text = o.text[:_stop_at(o.text, params.stop)]
+    return outs, stats

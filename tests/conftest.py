@@ -1,0 +1,48 @@
+"""Shared fixtures: the real default model (SmolLM2-135M-Instruct from its GGUF), loaded once per session."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+WIKI_TEST = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+WIKI_VALID = SHARED / "data" / "wikitext-2" / "valid.txt"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def default_path() -> Path:
+    from lowbit.models.loader import default_model_path
+    return default_model_path()  # raises with the install command if the default model is missing
+
+
+@pytest.fixture(scope="session")
+def smollm2(default_path):
+    """(model fp32, tokenizer) of the real SmolLM2-135M-Instruct."""
+    from lowbit.models.loader import load
+    return load(default_path, dtype="fp32")
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2(default_path):
+    """transformers' own LlamaForCausalLM on the same GGUF (its loader, its dequantizer): the oracle."""
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(default_path.parent), gguf_file=default_path.name,
+                                                dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def wiki_ids(smollm2):
+    """WikiText-2 test tokens (first 100k characters are plenty for tests)."""
+    from lowbit.eval.text import read_text, tokenize_text
+    return tokenize_text(smollm2[1], read_text(WIKI_TEST)[:100_000])
