@@ -21,6 +21,16 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
+def wiki_test_path() -> Path:
+    return WIKI_TEST
+
+
+@pytest.fixture(scope="session")
+def calib_path() -> Path:
+    return WIKI_VALID
+
+
+@pytest.fixture(scope="session")
 def default_path() -> Path:
     from lowbit.models.loader import default_model_path
     return default_model_path()  # raises with the install command if the default model is missing

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from lowbit.cli.common import add_model_arg, console, write_json_atomic
 
@@ -46,7 +47,7 @@ def run(args) -> int:
                dtype=args.dtype, bos=False, seconds_per_window=res.seconds / res.windows,
                model_bytes=model_bytes(model))
 
-    t = Table(title=f"eval: {out['model']}", show_header=True)
+    t = Table(title=f"eval: {Path(str(out['model'])).name}", show_header=True)
     t.add_column("metric")
     t.add_column("value", justify="right")
     t.add_row("perplexity", f"{res.perplexity:.4f}")

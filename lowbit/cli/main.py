@@ -11,6 +11,7 @@ COMMANDS = {
     "inspect": "lowbit.cli.inspect_cmd",
     "eval": "lowbit.cli.eval_cmd",
     "generate": "lowbit.cli.generate_cmd",
+    "quantize": "lowbit.cli.quantize_cmd",
 }
 
 

@@ -86,10 +86,11 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", devi
     torch_dtype = resolve_dtype(dtype)
     if not path.exists():
         raise LowbitError(f"{path}: no such file or directory")
-    quantized = load_quantized_if_any(path, torch_dtype, device, tokenizer)
-    if quantized is not None:
-        return quantized
-    if path.is_dir():
+    loaded = load_quantized_if_any(path, torch_dtype, device, tokenizer)
+    if loaded is not None:
+        model, tok = loaded
+        cfg = model.config
+    elif path.is_dir():
         cfg = hf_loader.hf_config(path)
         sd = hf_loader.read_safetensors(hf_loader.safetensors_files(path))
         model = build_model(cfg, sd, torch_dtype, device, source=str(path))

@@ -1,0 +1,69 @@
+"""Python API: `quantize(model, "gptq", calib, bits=4)` -> result with `.save(out)` and a report table."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowbit.quant.registry import Method, get_method
+from lowbit.quant.walk import QuantReport, quantize_model
+
+
+@dataclass
+class Calibration:
+    """N seeded random windows of a text (GPTQ's sampling) and where they came from."""
+    windows: torch.Tensor          # [N, S]
+    source: str
+    seed: int
+
+    def describe(self) -> dict:
+        return {"source": self.source, "nsamples": self.windows.shape[0], "seqlen": self.windows.shape[1],
+                "seed": self.seed}
+
+
+def calibration_windows(tok, path: str | Path, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> Calibration:
+    from lowbit.errors import LowbitError
+    from lowbit.eval.text import random_windows, read_text, tokenize_text
+
+    if nsamples <= 0 or seqlen <= 1:
+        raise LowbitError(f"--nsamples/--calib-seqlen: must be positive, got {nsamples}/{seqlen}")
+    ids = tokenize_text(tok, read_text(path))
+    return Calibration(random_windows(ids, nsamples, seqlen, seed), str(path), seed)
+
+
+@dataclass
+class QuantResult:
+    report: QuantReport
+    method: Method
+    calibration: Calibration | None
+
+    def save(self, model, tok, out: str | Path, overwrite: bool = False) -> Path:
+        from lowbit.quant.checkpoint import save_quantized
+        return save_quantized(model, tok, out, self.method.describe(),
+                              self.calibration.describe() if self.calibration else None,
+                              self.report.to_dict(), overwrite=overwrite)
+
+    def print(self, console) -> None:
+        from rich.table import Table
+
+        t = Table(title=f"{self.method.name}: per-layer error and bytes (mean over {len(self.report.layers) // max(1, len(self.report.by_kind()))} blocks)")
+        for c in ("layer", "fp16 bytes", "stored bytes", "ratio", "weight rel. err", "output rel. MSE"):
+            t.add_column(c, justify="right" if c != "layer" else "left")
+        tot_fp, tot_q = 0, 0
+        for kind, k in self.report.by_kind().items():
+            tot_fp += k["fp16_bytes"]
+            tot_q += k["stored_bytes"]
+            t.add_row(kind, f"{k['fp16_bytes']:,}", f"{k['stored_bytes']:,}", f"{k['stored_bytes'] / k['fp16_bytes']:.3f}",
+                      f"{k['weight_rel_err']:.2e}", f"{k['output_rel_mse']:.2e}" if k["output_rel_mse"] else "-")
+        t.add_row("all", f"{tot_fp:,}", f"{tot_q:,}", f"{tot_q / max(tot_fp, 1):.3f}", "", "", style="bold")
+        console.print(t)
+        console.print(f"{self.report.seconds:.1f} s")
+
+
+def quantize(model, method: str | Method, calib: Calibration | None = None, device: str | None = None,
+             progress: bool = True, **options) -> QuantResult:
+    """Quantize `model` in place with a registered method (name + options, or a Method instance)."""
+    m = get_method(method, **options) if isinstance(method, str) else method
+    report = quantize_model(model, m, calib.windows if calib is not None else None, device, progress)
+    return QuantResult(report, m, calib)

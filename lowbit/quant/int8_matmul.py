@@ -1,0 +1,107 @@
+"""W8A8 compute: activation quantizers, exact int8 x int8 -> int32 products, the fp8 scaled product.
+
+int8_mm is exact on every path: products are at most 128*128 = 2^14, so an int32
+accumulator cannot overflow while K < 2^17 (past that we accumulate in int64).
+  CUDA  torch._int_mm (cuBLASLt int8 tensor cores). It requires M > 16 and K, N
+        multiples of 8, so other shapes are zero-padded first (zero rows/columns add
+        nothing to the sums, so the result is still exact) and sliced back.
+  CPU   integer torch.matmul on int32 (torch's CPU mm kernel supports integer dtypes;
+        checked bit-exact against int64 numpy in tests/quant/test_layers.py).
+  other float64 matmul: every partial sum is an integer below 2^53, so it is exact too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.quant.primitives import QuantSpec, dequantize, fp8_dequantize, fp8_quantize, quantize, quantize_per_token
+
+INT32_SAFE_K = (1 << 31) // (1 << 14)  # K below this cannot overflow an int32 accumulator
+INT8_SYM = QuantSpec(bits=8, symmetric=True, group_size=-1)  # int8 weights per channel / activations per token
+FP8_FMT = "e4m3"
+
+
+def quantize_act_int8(x: torch.Tensor, act_scale: torch.Tensor | None):
+    """x [M, in] -> (int8 codes [M, in], scale [M, 1] per-token dynamic, or [1, 1] static act_scale)."""
+    if act_scale is None:
+        return quantize_per_token(x)
+    s = act_scale.reshape(1, 1).float()
+    return quantize(x, s, 0, INT8_SYM), s
+
+
+def quantize_act_fp8(x: torch.Tensor, act_scale: torch.Tensor | None):
+    """x [M, in] -> (e4m3 codes [M, in], scale [1, 1]): per-tensor dynamic, or the static act_scale."""
+    return fp8_quantize(x, FP8_FMT, per_channel=False, scale=None if act_scale is None else act_scale.reshape(1, 1))
+
+
+# name -> (quantize(x [M, in], act_scale) -> (q, scale), dequantize(q, scale) -> float32 [M, in])
+ACT_QUANT = {
+    "int8": (quantize_act_int8, lambda q, s: dequantize(q, s, 0, INT8_SYM)),
+    "fp8": (quantize_act_fp8, fp8_dequantize),
+}
+
+
+def _check_int8(a: torch.Tensor, b: torch.Tensor):
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise LowbitError(f"int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise LowbitError(f"int8_mm needs a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def int_mm_shape_ok(m: int, k: int, n: int) -> bool:
+    """Whether torch._int_mm on CUDA accepts [m, k] x [k, n] without padding."""
+    return m > 16 and k % 8 == 0 and n % 8 == 0 and k > 0 and n > 0
+
+
+def _pad_to(n: int, mult: int, least: int = 0) -> int:
+    return max(least, -(-n // mult) * mult) - n
+
+
+def int8_mm(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """a [M, K] int8 @ b [N, K].T int8 -> int32 [M, N], exact (b in nn.Linear weight layout).
+
+    (int64 for K >= 2^17, where int32 sums could overflow.)
+    backend: "auto" (CUDA -> _int_mm, else the integer fallback), "int_mm" or "fallback"
+    (tests use the last two to compare the paths on one device).
+    """
+    _check_int8(a, b)
+    if backend not in ("auto", "int_mm", "fallback"):
+        raise LowbitError(f"backend must be 'auto', 'int_mm' or 'fallback', got {backend!r}")
+    m, k = a.shape
+    n = b.shape[0]
+    use_int_mm = backend == "int_mm" or (backend == "auto" and a.is_cuda)
+    if use_int_mm and k < INT32_SAFE_K:
+        pm, pk, pn = _pad_to(m, 1, least=17), _pad_to(k, 8), _pad_to(n, 8)
+        if pm or pk or pn:
+            a = F.pad(a, (0, pk, 0, pm))  # [M', K']
+            b = F.pad(b, (0, pk, 0, pn))  # [N', K']
+        # b.t() is a column-major [K', N'] view: the layout cuBLASLt wants for mat2.
+        return torch._int_mm(a, b.t())[:m, :n]
+    acc = torch.int32 if k < INT32_SAFE_K else torch.int64  # int64 only where int32 could overflow
+    if a.device.type != "cpu":  # no integer mm there; float64 holds integer sums < 2^53 exactly
+        return torch.matmul(a.double(), b.double().t()).to(acc)  # [M, N]
+    return torch.matmul(a.to(acc), b.to(acc).t())  # [M, N]
+
+
+def scaled_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether torch._scaled_mm can take fp8 a [M, K] x b [N, K].T here (CUDA sm >= 8.9, K, N % 16)."""
+    if not (a.is_cuda and hasattr(torch, "_scaled_mm")):
+        return False
+    if torch.cuda.get_device_capability(a.device) < (8, 9):
+        return False
+    return a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0
+
+
+def fp8_scaled_mm(qa: torch.Tensor, sa: torch.Tensor, qb: torch.Tensor, sb: torch.Tensor) -> torch.Tensor:
+    """fp8 qa [M, K] (scale sa, one value) @ qb [N, K].T (scale sb [N, 1] or one value) -> float32 [M, N].
+
+    Tensor-wise scales go into _scaled_mm's epilogue; a per-row weight scale is applied
+    after it, in fp32, because row-wise scaling support differs across torch versions.
+    """
+    one = torch.ones((), dtype=torch.float32, device=qa.device)
+    per_row = sb.numel() > 1
+    out = torch._scaled_mm(qa.contiguous(), qb.t(), scale_a=sa.reshape(()).float(),
+                           scale_b=one if per_row else sb.reshape(()).float(), out_dtype=torch.float32)
+    return out * sb.reshape(1, -1).float() if per_row else out  # [M, N]

@@ -1,0 +1,1 @@
+"""Quantization methods; each module registers itself with lowbit.quant.registry."""

@@ -1,0 +1,34 @@
+"""Activation statistics gathered during calibration, shared by the W8A8-style methods."""
+from __future__ import annotations
+
+import torch
+
+from lowbit.quant.observers import get_observer
+from lowbit.quant.primitives import QuantSpec
+
+PER_TENSOR_INT8 = QuantSpec(bits=8, symmetric=True, group_size=0)
+
+
+class ActRange:
+    """A per-tensor activation range from a calibration observer -> a static scale for `qmax` levels."""
+
+    def __init__(self, observer: str = "minmax", spec: QuantSpec = PER_TENSOR_INT8):
+        self.obs = get_observer(observer, spec)
+
+    def update(self, x: torch.Tensor) -> None:
+        self.obs.update(x.detach().float().reshape(-1, x.shape[-1]))
+
+    def absmax(self) -> torch.Tensor:
+        lo, hi = self.obs.compute()
+        return torch.maximum(lo.abs(), hi.abs()).reshape(())
+
+
+class ChannelAbsMax:
+    """Per-input-channel max |x| over the calibration set (SmoothQuant, LLM.int8() outlier stats)."""
+
+    def __init__(self):
+        self.absmax: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu()    # [in]
+        self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)

@@ -1,0 +1,196 @@
+"""The one layer walk: quantize a model block by block on calibration activations (GPTQ-style driver).
+
+Only the current block lives on the accelerator; the calibration hidden states of all windows are kept
+on the CPU between blocks. After a block is quantized its outputs are recomputed with the quantized
+block, so every later block calibrates on the inputs it will really see.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.models.names import layout_of
+
+
+@dataclass
+class LayerReport:
+    block: int
+    name: str                   # e.g. "self_attn.q_proj"
+    kind: str                   # replacement class
+    fp16_bytes: int
+    stored_bytes: int
+    weight_rel_err: float       # ||W_q - W||² / ||W||²
+    output_rel_mse: float | None = None   # ||X W_qᵀ - X Wᵀ||² / ||X Wᵀ||² on calibration rows
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantReport:
+    method: dict
+    layers: list[LayerReport] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_memory_bytes: int = 0
+
+    def to_dict(self) -> dict:
+        return {"method": self.method, "seconds": self.seconds, "peak_memory_bytes": self.peak_memory_bytes,
+                "layers": [asdict(r) for r in self.layers]}
+
+    def by_kind(self) -> dict[str, dict[str, float]]:
+        """Per Linear kind (q_proj, down_proj, ...): bytes and mean errors over blocks."""
+        out: dict[str, dict[str, float]] = {}
+        for r in self.layers:
+            k = out.setdefault(r.name.split(".")[-1], {"fp16_bytes": 0, "stored_bytes": 0, "n": 0,
+                                                       "weight_rel_err": 0.0, "output_rel_mse": 0.0})
+            k["fp16_bytes"] += r.fp16_bytes
+            k["stored_bytes"] += r.stored_bytes
+            k["n"] += 1
+            k["weight_rel_err"] += r.weight_rel_err
+            k["output_rel_mse"] += r.output_rel_mse or 0.0
+        for k in out.values():
+            k["weight_rel_err"] /= k["n"]
+            k["output_rel_mse"] /= k["n"]
+        return out
+
+
+class RowSample:
+    """Keeps up to `n` input rows of a Linear (for the error report), spread over the calibration set."""
+
+    def __init__(self, n: int = 2048, seed: int = 0):
+        self.n, self.rows, self.seen = n, [], 0
+        self.g = torch.Generator().manual_seed(seed)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1])                                  # [rows, in]
+        take = max(1, self.n // 64)  # a few rows from every batch, so late windows are represented too
+        idx = torch.randperm(x.shape[0], generator=self.g)[:take]
+        self.rows.append(x[idx.to(x.device)].detach().float().cpu())
+        self.seen += x.shape[0]
+
+    def tensor(self) -> torch.Tensor:
+        return torch.cat(self.rows)[: self.n]                           # [n, in]
+
+
+def _named_linears(block: nn.Module, names) -> dict[str, nn.Linear]:
+    return {n: block.get_submodule(n) for n in names}
+
+
+def _hook_inputs(modules: dict[str, nn.Module], sinks: dict[str, list]):
+    """Forward pre-hooks feeding each module's input to its sinks; returns the handles."""
+    handles = []
+    for name, mod in modules.items():
+        def hook(_m, args, _name=name):
+            for s in sinks[_name]:
+                s.update(args[0])
+        handles.append(mod.register_forward_pre_hook(hook))
+    return handles
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int = 8) -> torch.Tensor:
+    """The block over all calibration hidden states xs [N, S, d] (CPU), `batch` windows at a time."""
+    outs = []
+    for i in range(0, xs.shape[0], batch):
+        x = xs[i: i + batch].to(device)                                  # [b, S, d]
+        cos, sin = kw["cos"][: x.shape[0]], kw["sin"][: x.shape[0]]
+        outs.append(block(x, cos, sin).cpu())
+    return torch.cat(outs)                                               # [N, S, d]
+
+
+@torch.no_grad()
+def block_inputs(model, windows: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering the first block for windows [N, S] (CPU), and the per-block kwargs (RoPE)."""
+    xs = []
+    for i in range(0, windows.shape[0], batch):
+        x, _, _, _ = model.embed(windows[i: i + batch].to(model.device))
+        xs.append(x.cpu())
+    S = windows.shape[1]
+    _, cos, sin, _ = model.embed(windows[:1, :1].to(model.device).expand(batch, 1).clone(),
+                                 positions=torch.arange(S, device=model.device).expand(batch, S))
+    return torch.cat(xs), {"cos": cos, "sin": sin}                       # [N, S, d]
+
+
+def _weight_rel_err(old: nn.Linear, new: nn.Module) -> float:
+    w = old.weight.detach().float()
+    wq = new.dequantized_weight().float() if hasattr(new, "dequantized_weight") else new.weight.float()
+    return ((wq - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30)).item()
+
+
+def _output_rel_mse(old: nn.Linear, new: nn.Module, x: torch.Tensor) -> float:
+    dev = old.weight.device
+    x = x.to(dev, old.weight.dtype)
+    ref = old(x).float()
+    return ((new(x).float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)).item()
+
+
+def _stored_bytes(m: nn.Module) -> int:
+    if hasattr(m, "nbytes"):
+        return int(m.nbytes())
+    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+
+
+def quantize_model(model, method, windows: torch.Tensor | None = None, device: str | None = None,
+                   progress: bool = True) -> QuantReport:
+    """Quantize every block Linear of `model` in place with `method`; windows [N, S] are calibration data."""
+    from tqdm.auto import tqdm
+
+    from lowbit.errors import LowbitError
+    from lowbit.quant.layers import swap_linear
+
+    if method.needs_calibration and windows is None:
+        raise LowbitError(f"--method {method.name} needs calibration data: pass --calib FILE")
+    layout = layout_of(model)
+    device = device or str(model.device)
+    blocks = model.get_submodule(layout.blocks)
+    report = QuantReport(method=method.describe())
+    t0 = time.perf_counter()
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    xs, kw = block_inputs(model, windows) if windows is not None else (None, None)
+    groups = layout.sequential if method.true_sequential else (layout.linears,)
+    bar = tqdm(range(len(blocks)), desc=f"quantize {method.name}", unit="block", disable=not progress)
+    for i in bar:
+        block = blocks[i]
+        home = next(block.parameters()).device
+        block.to(device)
+        if kw is not None:
+            kw = {k: v.to(device) for k, v in kw.items()}
+        targets = None
+        if xs is not None:
+            method.prepare_block(block, layout, xs, kw)   # function-preserving (scale folding) or nothing
+        for gi, group in enumerate(groups):
+            linears = _named_linears(block, group)
+            sinks = {n: [s for s in (method.collector(n, l), RowSample()) if s is not None] for n, l in linears.items()}
+            if xs is not None:
+                handles = _hook_inputs(linears, sinks)
+                out = run_block(block, xs, kw, device)
+                for h in handles:
+                    h.remove()
+                if gi == 0:
+                    targets = out                          # the float block's outputs [N, S, d]
+            for n, lin in linears.items():
+                col = sinks[n][0] if len(sinks[n]) == 2 else None
+                new = method.quantize_linear(n, lin, col)
+                rows = sinks[n][-1].tensor() if xs is not None else None   # [n_rows, in] for the report
+                report.layers.append(LayerReport(
+                    block=i, name=n, kind=type(new).__name__, fp16_bytes=lin.weight.numel() * 2 +
+                    (lin.bias.numel() * 2 if lin.bias is not None else 0), stored_bytes=_stored_bytes(new),
+                    weight_rel_err=_weight_rel_err(lin, new),
+                    output_rel_mse=_output_rel_mse(lin, new, rows) if rows is not None else None,
+                    extra=getattr(new, "report_extra", {})))
+                swap_linear(block, n, new)
+        if xs is not None:
+            method.finish_block(block, xs, targets, kw)
+            xs = run_block(block, xs, kw, device)                         # quantized outputs feed the next block
+        block.to(home)
+        last = report.layers[-len(layout.linears):]
+        bar.set_postfix(err=f"{sum(r.output_rel_mse or r.weight_rel_err for r in last) / len(last):.2e}")
+    report.seconds = time.perf_counter() - t0
+    if device.startswith("cuda"):
+        report.peak_memory_bytes = torch.cuda.max_memory_allocated()
+    else:
+        import resource  # peak resident set of the whole process (Linux reports KiB)
+        report.peak_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return report
