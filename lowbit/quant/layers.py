@@ -350,6 +350,11 @@ class Int8Linear(_QuantLinear):
         y = acc.float() * sx.float() * self.w_scale.reshape(1, -1)  # [M, out]: act_scale (x) w_scale
         return self._finish(y, x)
 
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Real weight [out, in]: int8 codes times the per-channel scale."""
+        w = self.qweight.float() * self.w_scale                                  # [out, in] * [out, 1]
+        return w if dtype is None else w.to(dtype)
+
     def _options(self):
         return {"static_act": self.static_act}
 
@@ -392,6 +397,11 @@ class FP8Linear(_QuantLinear):
         else:  # emulation: what _scaled_mm computes, up to accumulation order
             y = fp8_dequantize(qx, sx) @ fp8_dequantize(self.qweight, self.w_scale).t()  # [M, out]
         return self._finish(y, x)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Real weight [out, in]: fp8 codes times their scales."""
+        w = fp8_dequantize(self.qweight, self.w_scale, torch.float32)
+        return w if dtype is None else w.to(dtype)
 
     def _options(self):
         return {"per_channel": self.per_channel, "static_act": self.static_act}
@@ -452,6 +462,10 @@ class FakeQuantLinear(_QuantLinear):
             x = xq.to(x.dtype).reshape(x.shape)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), b)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight the layer multiplies by [out, in] (float32 unless dtype)."""
+        return self.weight.float() if dtype is None else self.weight.to(dtype)
 
     def _options(self):
         spec = dataclasses.asdict(self.spec) if isinstance(self.spec, QuantSpec) else self.spec
