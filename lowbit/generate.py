@@ -14,7 +14,6 @@ import torch
 
 from lowbit.config import SamplingParams
 from lowbit.errors import LowbitError
-from lowbit.models.kv_cache import KVCache
 from lowbit.sampling import sample
 
 
@@ -75,7 +74,7 @@ def generate(model, tok, prompts: list[list[int]], params: SamplingParams,
     dev = model.device
     pad = torch.tensor([L - len(p) for p in prompts], device=dev)                      # [B]
     ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=dev)          # [B, L]
-    cache = KVCache(cfg, B, L + params.max_tokens, model.dtype, dev, pad)
+    cache = model.new_cache(B, L + params.max_tokens, pad)
     gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None else None
     eos = set() if params.ignore_eos else set(cfg.eos_ids) | ({tok.eos_token_id} if tok and
                                                                tok.eos_token_id is not None else set())

@@ -12,6 +12,12 @@ def add_model_arg(p) -> None:
                    help="HF model directory, GGUF file or quantized lowbit directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    add_kv_arg(p)
+
+
+def add_kv_arg(p) -> None:
+    p.add_argument("--kv-cache", choices=["int8", "fp8"], default=None,
+                   help="quantize the KV cache: int8 or fp8 (e4m3), a scale per token and head")
 
 
 def write_json_atomic(path: str | Path, obj) -> None:

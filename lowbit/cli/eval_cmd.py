@@ -35,7 +35,7 @@ def run(args) -> int:
     if not args.text and not args.dataset:
         raise LowbitError("eval needs --text FILE or --dataset NAME")
     text = read_text(args.text) if args.text else load_dataset_text(args.dataset)
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache)
     base = load(args.base, dtype=args.dtype, device=args.device, tokenizer=False)[0] if args.base else None
     if base is not None and base.config.vocab_size != model.config.vocab_size:
         raise LowbitError(f"--base {args.base}: vocab {base.config.vocab_size} differs from the model's "
@@ -44,6 +44,7 @@ def run(args) -> int:
     res = evaluate(model, windows, base=base, progress=not args.no_progress)
     out = res.to_dict()
     out.update(model=getattr(model, "source", args.model), text=args.text or args.dataset,
+               kv_cache=model.kv_quant.dtype if model.kv_quant else None,
                dtype=args.dtype, bos=False, seconds_per_window=res.seconds / res.windows,
                model_bytes=model_bytes(model))
 

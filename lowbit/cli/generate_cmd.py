@@ -5,8 +5,6 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from lowbit.cli.common import add_model_arg
-
     p = sub.add_parser("generate", help="generate text with the KV cache, streaming tokens",
                        description="Prefill the prompt once, then decode token by token with the KV cache. "
                                    "Instruct models get their chat template unless --raw.")
@@ -17,6 +15,8 @@ def add_parser(sub) -> None:
 
 
 def add_model_arg_options(p) -> None:
+    from lowbit.cli.common import add_kv_arg
+    add_kv_arg(p)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default 128)")
@@ -42,7 +42,7 @@ def run(args) -> int:
     model_path, prompt = (None, args.args[0]) if len(args.args) == 1 else args.args
     params = SamplingParams(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                             top_p=args.top_p, max_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)
-    model, tok = load(model_path, dtype=args.dtype, device=args.device)
+    model, tok = load(model_path, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache)
     chat = not args.raw and bool(getattr(tok, "chat_template", None))
     ids = encode_prompt(tok, prompt, chat=chat)
 

@@ -55,7 +55,7 @@ def run(args) -> int:
     elif method.needs_calibration:
         raise LowbitError(f"--method {method_name} needs calibration data: pass --calib FILE")
     result = quantize(model, method, calib, device=args.device)
-    out = result.save(model, tok, args.out, overwrite=args.force)
+    out = result.save(model, tok, args.out, overwrite=args.force, kv_cache=args.kv_cache)
     result.print(console())
     console().print(f"saved {out}")
     return 0

@@ -53,3 +53,36 @@ class KVCache:
 
     def advance(self, T: int) -> None:
         self.pos += T
+
+
+class QuantizedKVCache(KVCache):
+    """The same cache holding 1-byte codes (int8 or fp8) and a float32 scale per token and head."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str, kv_quant, pad: torch.Tensor | None = None):
+        self.kv_quant, self.dtype = kv_quant, dtype
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        sshape = (batch, cfg.num_kv_heads, max_len, 1)
+        self.k = [torch.zeros(shape, dtype=kv_quant.code_dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=kv_quant.code_dtype, device=device) for _ in range(cfg.num_layers)]
+        self.k_scale = [torch.ones(sshape, device=device) for _ in range(cfg.num_layers)]
+        self.v_scale = [torch.ones(sshape, device=device) for _ in range(cfg.num_layers)]
+        self.max_len, self.pos = max_len, 0
+        self.pad = None if pad is None or not bool(pad.any()) else pad.to(device)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + self.k_scale + self.v_scale)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        end = self.pos + T
+        if end > self.max_len:
+            raise LowbitError(f"KV cache full: {end} tokens exceed its max_len {self.max_len}")
+        for codes, scales, x in ((self.k, self.k_scale, k), (self.v, self.v_scale, v)):
+            q, s = self.kv_quant.quantize(x)                                     # [B, Hkv, T, hd], [B, Hkv, T, 1]
+            codes[layer][:, :, self.pos:end] = q
+            scales[layer][:, :, self.pos:end] = s
+        deq = self.kv_quant.dequantize
+        return (deq(self.k[layer][:, :, :end], self.k_scale[layer][:, :, :end], self.dtype),
+                deq(self.v[layer][:, :, :end], self.v_scale[layer][:, :, :end], self.dtype))

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import ModelConfig
-from lowbit.models.kv_cache import KVCache
+from lowbit.models.kv_cache import KVCache, QuantizedKVCache
 from lowbit.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 
@@ -37,6 +37,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=b)
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.attention_out_bias)
+        self.kv_quant = None  # a lowbit.quant.kv_quant.KVQuant when the KV cache is quantized
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -46,6 +47,8 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                           # [B, Hkv, S, hd]
+        elif self.kv_quant is not None:  # no cache (evaluation): see exactly what a quantized cache returns
+            k, v = self.kv_quant.roundtrip(k), self.kv_quant.roundtrip(v)
         rep = self.n_heads // self.n_kv
         if rep > 1:  # GQA: each KV head serves `rep` consecutive query heads
             S = k.shape[2]
@@ -110,6 +113,21 @@ class LlamaForCausalLM(nn.Module):
         inv_freq, self.rope_attn_scale = rope_inv_freq(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    @property
+    def kv_quant(self):
+        return self.model.layers[0].self_attn.kv_quant
+
+    def set_kv_quant(self, kv_quant) -> None:
+        """Quantize keys/values (int8/fp8 KVQuant, or None for full precision) in every layer."""
+        for layer in self.model.layers:
+            layer.self_attn.kv_quant = kv_quant
+
+    def new_cache(self, batch: int, max_len: int, pad: torch.Tensor | None = None) -> KVCache:
+        """A contiguous KV cache matching this model (quantized when the model's KV cache is)."""
+        if self.kv_quant is not None:
+            return QuantizedKVCache(self.config, batch, max_len, self.dtype, self.device, self.kv_quant, pad)
+        return KVCache(self.config, batch, max_len, self.dtype, self.device, pad)
 
     @property
     def device(self) -> torch.device:

@@ -74,9 +74,10 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtyp
 
 
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
-         tokenizer: bool = True, verbose: bool = False):
+         tokenizer: bool = True, verbose: bool = False, kv_cache: str | None = None):
     """Load a model: a Hugging Face directory, a GGUF file, or None for the default SmolLM2-135M-Instruct.
 
+    kv_cache: "int8" | "fp8" quantizes keys/values (a quantized checkpoint may carry its own setting).
     Returns (model, tokenizer); tokenizer is None when `tokenizer=False`.
     """
     from lowbit.quant.checkpoint_hook import load_quantized_if_any  # quantized dirs, when present
@@ -101,6 +102,10 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", devi
         sd = gguf_loader.gguf_state_dict(reader, cfg, path)
         model = build_model(cfg, sd, torch_dtype, device, source=str(path))
         tok = gguf_loader.gguf_tokenizer(reader, path) if tokenizer else None
+    kv_cache = kv_cache or getattr(model, "quantization_config", {}).get("kv_cache")
+    if kv_cache:
+        from lowbit.quant.kv_quant import KVQuant
+        model.set_kv_quant(KVQuant(kv_cache))
     model.load_seconds = time.perf_counter() - t0
     model.source = str(path)
     if verbose:

@@ -38,11 +38,13 @@ class QuantResult:
     method: Method
     calibration: Calibration | None
 
-    def save(self, model, tok, out: str | Path, overwrite: bool = False) -> Path:
+    def save(self, model, tok, out: str | Path, overwrite: bool = False, kv_cache: str | None = None) -> Path:
+        """Write the quantized model; `kv_cache` ("int8"/"fp8") is recorded and applied when it is loaded."""
         from lowbit.quant.checkpoint import save_quantized
+        kv_cache = kv_cache or (model.kv_quant.dtype if model.kv_quant is not None else None)
         return save_quantized(model, tok, out, self.method.describe(),
                               self.calibration.describe() if self.calibration else None,
-                              self.report.to_dict(), overwrite=overwrite)
+                              self.report.to_dict(), overwrite=overwrite, kv_cache=kv_cache)
 
     def print(self, console) -> None:
         from rich.table import Table

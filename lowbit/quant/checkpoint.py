@@ -40,7 +40,7 @@ def _tensors(model) -> dict[str, torch.Tensor]:
 
 
 def save_quantized(model, tokenizer, out: str | Path, method: dict, calibration: dict | None,
-                   report: dict | None = None, overwrite: bool = False) -> Path:
+                   report: dict | None = None, overwrite: bool = False, kv_cache: str | None = None) -> Path:
     """Write the quantized `model` to directory `out` atomically."""
     from safetensors.torch import save_file
 
@@ -52,6 +52,7 @@ def save_quantized(model, tokenizer, out: str | Path, method: dict, calibration:
     out.parent.mkdir(parents=True, exist_ok=True)
     qcfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
             "method": method, "calibration": calibration, "dtype": str(model.dtype).removeprefix("torch."),
+            "kv_cache": kv_cache,
             "modules": quantized_modules(model)}
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:

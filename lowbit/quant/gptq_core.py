@@ -78,8 +78,13 @@ class GPTQResult:
     perm: torch.Tensor | None  # int64 [in] act_order processing order (perm[i] = i-th column quantized)
 
 
-def _row_params(block: torch.Tensor, spec: QuantSpec, mse_clip: bool, per_tensor: bool = False):
-    """(scale, zero) [out, 1] with one range per row of block [out, k] (or one for all of it)."""
+def _row_params(block: torch.Tensor, spec: QuantSpec, mse_clip: bool, per_tensor: bool = False,
+                scale_dtype: torch.dtype | None = None):
+    """(scale, zero) [out, 1] with one range per row of block [out, k] (or one for all of it).
+
+    With scale_dtype, scale and zero are rounded to the dtype they will be stored in before any code is
+    chosen, so the error feedback sees exactly the weights the saved layer will compute with.
+    """
     gran = 0 if per_tensor else -1
     if mse_clip:  # the project's MSE observer (shrink grid search) instead of the reference's own
         lo, hi = MSEObserver(replace(spec, group_size=gran))(block)  # [out, 1, 1] or [1, 1, 1]
@@ -89,6 +94,9 @@ def _row_params(block: torch.Tensor, spec: QuantSpec, mse_clip: bool, per_tensor
     else:
         lo, hi = block.amin(1, keepdim=True), block.amax(1, keepdim=True)  # [out, 1]
     scale, zero = qparams(lo, hi, spec)
+    if scale_dtype is not None:
+        scale = scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).to(scale.dtype)
+        zero = zero.to(scale_dtype).to(zero.dtype)
     n_rows = block.shape[0]
     return scale.expand(n_rows, 1).clone(), zero.expand(n_rows, 1).clone()  # [out, 1]
 
@@ -136,7 +144,8 @@ def _check(W, H, spec, blocksize, percdamp):
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128,
-                  percdamp: float = 0.01, act_order: bool = False, mse_clip: bool = False) -> GPTQResult:
+                  percdamp: float = 0.01, act_order: bool = False, mse_clip: bool = False,
+                  scale_dtype: torch.dtype | None = None) -> GPTQResult:
     """Quantize W [out, in] column by column with GPTQ against the input Hessian H [in, in].
 
     Works in float64 if W or H is float64, else float32 (as the reference). Groups
@@ -166,7 +175,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     else:  # one range per row (-1) or for the whole matrix (0), from the (dead-zeroed) W upfront.
         # Deviation: the reference takes it before zeroing dead columns; their weights never
         # reach the output, so we keep them from widening the grid.
-        scale, zero = _row_params(W, spec, mse_clip, per_tensor=(gs == 0))  # [out, 1]
+        scale, zero = _row_params(W, spec, mse_clip, per_tensor=(gs == 0), scale_dtype=scale_dtype)  # [out, 1]
     # Group of each column in processing order: i // group_size (0 for per-channel / per-tensor).
     gp = torch.arange(n, device=W.device) // gs if gs > 0 else torch.zeros(n, dtype=torch.long, device=W.device)
 
@@ -202,7 +211,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
                 if je > i2:
                     rest = W[:, i2:je] - E[:, :i] @ Hinv[i1:j, i2:je]  # [out, i] @ [i, je-i2]
                     cur = torch.cat([cur, rest], dim=1)  # [out, je - j]
-                s, z = _row_params(cur, spec, mse_clip)  # [out, 1]
+                s, z = _row_params(cur, spec, mse_clip, scale_dtype=scale_dtype)  # [out, 1]
                 scale[:, g:g + 1], zero[:, g:g + 1] = s, z
             w = W1[:, i:i + 1]  # [out, 1]
             c = quantize(w, scale[:, g:g + 1], zero[:, g:g + 1], spec)  # line 6: Q_{:,j} <- quant(W_{:,j})

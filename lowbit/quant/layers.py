@@ -485,6 +485,7 @@ LAYER_CLASSES: dict[str, type[_QuantLinear]] = {
     "fp8": FP8Linear,
     "fake": FakeQuantLinear,
 }
+from lowbit.quant import mixed_int8 as _mixed_int8  # noqa: E402,F401  LLM.int8(): registers "llm_int8" here
 
 
 def build_layer(config: dict, device=None) -> _QuantLinear:
