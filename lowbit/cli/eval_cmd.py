@@ -28,6 +28,7 @@ def run(args) -> int:
     from rich.table import Table
 
     from lowbit.errors import LowbitError
+    from lowbit.eval.memory import model_bytes
     from lowbit.eval.perplexity import evaluate
     from lowbit.eval.text import eval_windows, load_dataset_text, read_text, tokenize_text
     from lowbit.models.loader import load
@@ -70,13 +71,3 @@ def run(args) -> int:
         write_json_atomic(args.json, out)
     return 0
 
-
-def model_bytes(model) -> int:
-    """Bytes of parameters and buffers actually held (shared tensors once)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
-    return total

@@ -12,6 +12,7 @@ COMMANDS = {
     "eval": "lowbit.cli.eval_cmd",
     "generate": "lowbit.cli.generate_cmd",
     "quantize": "lowbit.cli.quantize_cmd",
+    "compare": "lowbit.cli.compare_cmd",
 }
 
 

@@ -21,7 +21,7 @@ from lowbit.quant.primitives import QuantSpec
 from lowbit.quant.registry import get_method
 from lowbit.quant.walk import block_inputs, run_block
 
-K = 6                               # blocks quantized by the fast end-to-end tests
+K = 4                               # blocks quantized by the fast end-to-end tests
 W4G128 = dict(bits=4, group_size=128)
 
 
@@ -41,7 +41,7 @@ def mean_output_rel_mse(result) -> float:
 
 @pytest.fixture(scope="module")
 def calib(smollm2, calib_path):
-    return calibration_windows(smollm2[1], calib_path, nsamples=4, seqlen=128, seed=0)
+    return calibration_windows(smollm2[1], calib_path, nsamples=2, seqlen=128, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_scale_search_protects_salient_channels():
     res = search_scale(x, linears, spec, n_grid=20)
     assert all(torch.equal(lin.weight, w) for lin, w in zip(linears, before))   # weights restored
     assert len(res.losses) == 20 and res.alpha > 0
-    assert res.best_loss < 0.7 * res.rtn_loss, (res.best_loss, res.rtn_loss)   # measured ratio ~0.2
+    assert res.best_loss < 0.7 * res.rtn_loss, (res.best_loss, res.rtn_loss)   # measured ratio 0.33 (α = 0.4)
     # The same comparison through the real layers: fold s into the weights (W·s, inputs X/s), quantize with
     # WeightOnlyLinear (fp16 scales, packed codes), against plain RTN of W on the same grid.
     s = res.scales
@@ -172,7 +172,7 @@ def test_awq_beats_rtn_on_smollm2(awq_vs_rtn):
     (_, rtn, rtn_ppl), (_, awq, awq_ppl), fp_ppl = awq_vs_rtn["rtn"], awq_vs_rtn["awq"], awq_vs_rtn["fp"]
     assert len(awq.report.layers) == K * 7
     assert all(r.kind == "WeightOnlyLinear" for r in awq.report.layers)
-    # measured: mean output rel. MSE 5.4e-3 (AWQ) vs 1.0e-2 (RTN); ppl 39.0 fp32, 42.2 RTN, 41.4 AWQ
+    # measured: mean output rel. MSE 4.6e-3 (AWQ) vs 9.3e-3 (RTN); ppl 39.0 fp32, 39.8 AWQ, 40.7 RTN
     assert mean_output_rel_mse(awq) < 0.8 * mean_output_rel_mse(rtn)
     assert fp_ppl < awq_ppl < rtn_ppl, (fp_ppl, awq_ppl, rtn_ppl)
     for r in awq.report.layers:                                            # what the search chose, per layer
@@ -194,11 +194,13 @@ def test_awq_save_load_round_trip(tmp_path, smollm2, awq_vs_rtn, probe):
 
 
 @pytest.mark.slow
-def test_awq_beats_rtn_on_all_blocks(smollm2, calib, test_windows):
+def test_awq_beats_rtn_on_all_blocks(smollm2, calib_path, test_windows):
+    calib = calibration_windows(smollm2[1], calib_path, nsamples=4, seqlen=128, seed=0)
     ppl, mse = {}, {}
     for name in ("rtn", "awq"):
         model = copy.deepcopy(smollm2[0])
         res = quantize(model, name, calib, progress=False, **W4G128)
         mse[name], ppl[name] = mean_output_rel_mse(res), evaluate(model, test_windows, progress=False).perplexity
     # measured: output rel. MSE 6.0e-3 vs 1.2e-2; ppl 44.4 vs 47.9 on 4 x 256 test tokens
+    print("SLOWNUM", mse, ppl)
     assert mse["awq"] < 0.8 * mse["rtn"] and ppl["awq"] < ppl["rtn"], (mse, ppl)

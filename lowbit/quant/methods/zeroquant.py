@@ -34,8 +34,10 @@ from lowbit.quant.int8_matmul import ACT_QUANT
 from lowbit.quant.layers import FakeQuantLinear, _parts, swap_linear
 from lowbit.quant.primitives import QuantSpec, fake_quantize
 from lowbit.quant.registry import Method, MethodConfig, register
+from lowbit.quant.walk import run_block
 
 ACT_BITS = (8, 16)
+LKD_INPUTS = ("quantized", "float")
 
 
 @dataclass
@@ -50,6 +52,8 @@ class ZeroQuantConfig(MethodConfig):
     lkd_batch: int = 4                # calibration windows per LKD step
     lkd_norms: bool = True            # also train the block's norm weights
     lkd_seed: int = 0                 # minibatch order
+    lkd_inputs: str = "quantized"     # block inputs for LKD: "quantized" (the walk's: outputs of the blocks
+                                      # quantized so far) or "float" (the paper's: the float model's)
 
     def __post_init__(self):
         self.spec(False), self.spec(True)  # validates bits / group size up front
@@ -59,6 +63,8 @@ class ZeroQuantConfig(MethodConfig):
         for name, v, lo in (("lkd-steps", self.lkd_steps, 0), ("lkd-batch", self.lkd_batch, 1)):
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise LowbitError(f"--{name}: expected an integer >= {lo}, got {v!r}")
+        if self.lkd_inputs not in LKD_INPUTS:
+            raise LowbitError(f"--lkd-inputs: expected one of {LKD_INPUTS}, got {self.lkd_inputs!r}")
         if not self.lkd_lr > 0:
             raise LowbitError(f"--lkd-lr: expected a positive learning rate, got {self.lkd_lr!r}")
 
@@ -107,6 +113,7 @@ class ZeroQuant(Method):
         self._float: dict[str, tuple] = {}     # this block's float weights, kept for LKD
         self._extras: dict[str, dict] = {}     # this block's layers' report dicts
         self._block = 0
+        self._xf: torch.Tensor | None = None   # lkd_inputs="float": the float model's hidden states [N, S, d]
 
     @property
     def needs_calibration(self) -> bool:
@@ -154,8 +161,16 @@ class ZeroQuant(Method):
             return
         floats, self._float = self._float, {}
         t0 = time.perf_counter()
-        mse_before = self._block_mse(qblock, inputs, targets, block_kwargs)
         rtn = {n: qblock.get_submodule(n) for n in floats}
+        if self.cfg.lkd_inputs == "float":
+            # The paper's LKD: teacher and student both read the float model's hidden states.
+            inputs = inputs if i == 0 or self._xf is None else self._xf
+            for n, (w, b) in floats.items():
+                swap_linear(qblock, n, _float_linear(w, b))
+            targets = self._xf = run_block(qblock, inputs, block_kwargs, block_kwargs["cos"].device)
+            for n, layer in rtn.items():
+                swap_linear(qblock, n, layer)
+        mse_before = self._block_mse(qblock, inputs, targets, block_kwargs)
         norms = [p for n, p in qblock.named_parameters() if "norm" in n]
         norms_before = [p.detach().clone() for p in norms]
         dtype = norms[0].dtype if norms else next(iter(floats.values()))[0].dtype
@@ -169,7 +184,7 @@ class ZeroQuant(Method):
             p.requires_grad_(False)
         params = [p for lat in latents.values() for p in lat.parameters()]
         if self.cfg.lkd_norms:
-            params += [p for n, p in qblock.named_parameters() if "norm" in n]
+            params += norms                    # .float()/.to() keep the Parameter objects, changing their data
         for p in params:
             p.requires_grad_(True)
         losses = self._train(qblock, params, inputs, targets, block_kwargs)
@@ -220,8 +235,12 @@ class ZeroQuant(Method):
                 losses.append(loss.item())
         return losses
 
-    def describe(self):
-        return {"method": self.name, **self.cfg.to_dict()}
+
+def _float_linear(w: torch.Tensor, b: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device="meta")
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    lin.bias = None if b is None else nn.Parameter(b, requires_grad=False)
+    return lin
 
 
 def _rope(t: torch.Tensor, b: int) -> torch.Tensor:

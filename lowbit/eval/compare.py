@@ -1,0 +1,186 @@
+"""Compare quantization configs on one model: every config against the base over the SAME windows.
+
+The base model's logits are computed once per window and every quantized model is scored against them
+(perplexity, KL(base‖model), top-1 agreement). Progress can be kept in a state file after every window,
+so a long comparison cut short resumes where it stopped.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowbit.eval.memory import PeakMemory, model_bytes
+from lowbit.eval.perplexity import window_stats
+
+
+@dataclass
+class Candidate:
+    name: str
+    method: str
+    options: dict = field(default_factory=dict)
+
+
+def build(base, cand: Candidate, calib, device=None, progress: bool = False):
+    """A quantized deep copy of `base` and what it cost: (model, info)."""
+    from lowbit.quant.api import quantize
+    from lowbit.quant.registry import get_method
+
+    method = get_method(cand.method, **cand.options)
+    model = copy.deepcopy(base)
+    t0 = time.perf_counter()
+    with PeakMemory(device or str(base.device)) as pm:
+        res = quantize(model, method, calib if method.needs_calibration else None, device=device,
+                       progress=progress)
+    layers = res.report.layers
+    n_weights = sum(r.fp16_bytes for r in layers) / 2
+    return model, {"method": method.describe(), "quantize_seconds": time.perf_counter() - t0,
+                   "peak_memory_bytes": pm.peak_bytes, "model_bytes": model_bytes(model),
+                   "bits_per_weight": 8 * sum(r.stored_bytes for r in layers) / max(n_weights, 1),
+                   "calibration": calib.describe() if (calib is not None and method.needs_calibration) else None}
+
+
+def _empty() -> dict:
+    return {"windows": 0, "tokens": 0, "nll": 0.0, "base_nll": 0.0, "kl": 0.0, "top1": 0.0}
+
+
+@torch.inference_mode()
+def score(base, models: dict, windows: torch.Tensor, state: dict, save=None, budget_s: float | None = None,
+          progress: bool = True) -> dict:
+    """Accumulate per-window sums for "base" and every model in `models` into state["results"]."""
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    results = state.setdefault("results", {})
+    for n in ["base", *models]:
+        results.setdefault(n, _empty())
+    for w in tqdm(range(windows.shape[0]), desc="compare", unit="win", disable=not progress):
+        pending = [n for n in ["base", *models] if results[n]["windows"] == w]
+        if not pending:
+            continue
+        if budget_s is not None and time.perf_counter() - t0 > budget_s:
+            state["stopped_at_window"] = w
+            break
+        ids = windows[w: w + 1].to(base.device)                           # [1, S]
+        base_logits = base(ids)[0, :-1]                                   # [S-1, V]
+        for n in pending:
+            logits = base_logits if n == "base" else models[n](ids.to(models[n].device))[0, :-1]
+            s = window_stats(logits, ids[0, 1:], base_logits)
+            r = results[n]
+            r["windows"] += 1
+            r["tokens"] += ids.shape[1] - 1
+            for k in ("nll", "base_nll", "kl", "top1"):
+                r[k] += s[k]
+        if save is not None:
+            save(state)
+    return state
+
+
+def summary(state: dict) -> list[dict]:
+    """One row per config: perplexity, ΔPPL, KL, top-1, bytes, bits per weight, time, memory."""
+    rows = []
+    for name, r in state["results"].items():
+        if not r["windows"]:
+            continue
+        info = state.get("info", {}).get(name, {})
+        ppl, bppl = math.exp(r["nll"] / r["tokens"]), math.exp(r["base_nll"] / r["tokens"])
+        rows.append({"config": name, "perplexity": ppl, "delta_ppl": ppl - bppl, "delta_ppl_pct": 100 * (ppl / bppl - 1),
+                     "kl": r["kl"] / r["tokens"], "top1_agreement": r["top1"] / r["tokens"],
+                     "windows": r["windows"], "tokens": r["tokens"],
+                     "model_bytes": info.get("model_bytes", state.get("base_bytes")),
+                     "bits_per_weight": info.get("bits_per_weight", 16.0),
+                     "quantize_seconds": info.get("quantize_seconds", 0.0),
+                     "peak_memory_bytes": info.get("peak_memory_bytes", 0)})
+    return rows
+
+
+def markdown(state: dict, title: str) -> str:
+    rows = summary(state)
+    head = ["| config | PPL | ΔPPL | ΔPPL % | KL (nats/tok) | top-1 | bits/weight | model MB | quantize s | peak MB | windows |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    body = [f"| {r['config']} | {r['perplexity']:.3f} | {r['delta_ppl']:+.3f} | {r['delta_ppl_pct']:+.2f}% | "
+            f"{r['kl']:.5f} | {100 * r['top1_agreement']:.2f}% | {r['bits_per_weight']:.2f} | "
+            f"{(r['model_bytes'] or 0) / 1e6:.1f} | {r['quantize_seconds']:.1f} | {r['peak_memory_bytes'] / 1e6:.0f} | "
+            f"{r['windows']} |" for r in rows]
+    meta = [f"- {k}: {state[k]}" for k in ("model", "text", "seqlen", "calibration", "machine", "date", "command")
+            if k in state]
+    return "\n".join([f"# {title}", "", *meta, "",
+                      "Bits/weight: stored bytes of the quantized Linears (codes, scales, zeros) × 8 per weight; "
+                      "the base counts as fp16 (16). ΔPPL, KL and top-1 are against the base on the same windows.",
+                      "", *head, *body]) + "\n"
+
+
+def plot(state: dict, path: str | Path, title: str) -> None:
+    """Perplexity against bits per weight, one line per method, the base as a horizontal line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = summary(state)
+    base = next(r for r in rows if r["config"] == "base")
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    by_method: dict[str, list] = {}
+    for r in rows:
+        if r["config"] != "base":
+            m = state["info"][r["config"]]["method"]
+            label = m["method"] + (f" g{m['group_size']}" if "group_size" in m else "")
+            by_method.setdefault(label, []).append((r["bits_per_weight"], r["perplexity"], r["config"]))
+    for label, pts in sorted(by_method.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+    ax.axhline(base["perplexity"], color="k", ls="--", lw=1, label=f"base {base['perplexity']:.2f}")
+    ax.set_xlabel("bits per weight (quantized Linears, incl. scales/zeros)")
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = Path(str(path) + ".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def save_json_atomic(path: str | Path, obj) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir: str | Path, title: str,
+        meta: dict, budget_s: float | None = None, device=None, progress: bool = True) -> dict:
+    """Build every candidate, score all of them in one pass over `windows`, write JSON + markdown + PNG.
+
+    out_dir/state.json keeps the per-window sums: running again with the same windows resumes.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    key = {"seqlen": int(windows.shape[1]), "text": meta.get("text")}
+    if state and {k: state.get(k) for k in key} != key:
+        from lowbit.errors import LowbitError
+        raise LowbitError(f"{state_path}: made with other text/seqlen; remove it to start over")
+    state.update(meta, **key, total_windows=int(windows.shape[0]), base_bytes=model_bytes(base))
+    state.setdefault("info", {})
+    models = {}
+    bar = tqdm(candidates, desc="quantize", unit="config", disable=not progress)
+    for cand in bar:
+        bar.set_postfix(config=cand.name)
+        models[cand.name], info = build(base, cand, calib, device)
+        state["info"].setdefault(cand.name, info)  # keep the first run's cost figures when resuming
+    score(base, models, windows, state, save=lambda s: save_json_atomic(state_path, s), budget_s=budget_s,
+          progress=progress)
+    save_json_atomic(out / "compare.json", {**state, "rows": summary(state)})
+    (out / "compare.md").write_text(markdown(state, title))
+    plot(state, out / "compare.png", title)
+    return state
