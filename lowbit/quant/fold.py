@@ -121,7 +121,10 @@ def fold_scale(block: nn.Module, producer: str, consumers: Sequence[str], s: tor
         fold_into_norm(prod, cons, s)
 
 
-def foldable_groups(block: nn.Module, layout) -> tuple[list[tuple[str, tuple[str, ...]]], list[tuple[str, tuple[str, ...]]]]:
+Group = tuple[str, tuple[str, ...]]          # (producer, consumers), names relative to the block
+
+
+def foldable_groups(block: nn.Module, layout) -> tuple[list[Group], list[Group]]:
     """(groups a scale can be folded into, groups skipped) of layout.input_groups for this block."""
     ok, skipped = [], []
     for producer, consumers in layout.input_groups:

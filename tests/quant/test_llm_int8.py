@@ -63,7 +63,7 @@ def test_registered_and_rebuilt_from_config():
     twin.load_state_dict(layer.state_dict(), assign=True)
     x = torch.randn(2, 3, IN) * 3
     assert torch.equal(twin(x), layer(x))
-    assert layer.fp_cols.tolist() == [3, 7]
+    assert layer.fp_cols.tolist() == [3, 7] and "threshold=4.5, n_fp_cols=2" in repr(layer)
     assert layer.nbytes() == OUT * IN + OUT * 4 + 2 * 4 + OUT * 2 * 4 + OUT * 4
     with pytest.raises(LowbitError, match="threshold"):
         MixedInt8Linear(IN, OUT, threshold=-1.0)

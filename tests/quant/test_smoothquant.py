@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.eval.perplexity import evaluate
+from lowbit.eval.text import eval_windows
 from lowbit.models.loader import load
 from lowbit.models.names import layout_of
 from lowbit.quant.api import calibration_windows, quantize
@@ -92,19 +94,19 @@ def test_alpha_option_parsing():
 
 @pytest.mark.parametrize("linear_producers", [False, True])
 def test_smoothing_keeps_the_float_model(smollm2, calib_path, probe, linear_producers):
-    """SmoothQuant's scales folded into every block (no quantization) leave SmolLM2's logits unchanged.
-    linear_producers=True also folds into up_proj's rows (down_proj's inputs)."""
+    """SmoothQuant's scales folded into SmolLM2's first 8 blocks (no quantization; the same code runs for every
+    block) leave the model's logits unchanged. linear_producers=True also folds into up_proj's rows."""
     model = copy.deepcopy(smollm2[0])
     layout = layout_of(model)
     method = get_method("smoothquant", linear_producers=linear_producers)
     xs, kw = block_inputs(model, calibration_windows(smollm2[1], calib_path, nsamples=1, seqlen=64, seed=1).windows)
-    for block in model.model.layers:
+    for block in list(model.model.layers)[:8]:
         method.prepare_block(block, layout, xs, kw)
         xs = run_block(block, xs, kw, "cpu")
     orig = dict(smollm2[0].named_parameters())
     params = dict(model.named_parameters())
     moved = {n for n in params if not torch.equal(params[n], orig[n])}
-    for i in range(len(model.model.layers)):
+    for i in range(8):
         p = f"model.layers.{i}."
         assert {p + "input_layernorm.weight", p + "post_attention_layernorm.weight"} <= moved
         assert (p + "mlp.up_proj.weight" in moved) and ((p + "mlp.down_proj.weight" in moved) == linear_producers)
@@ -177,14 +179,14 @@ def test_smoothquant_save_load_round_trip(tmp_path, smollm2, sq_vs_w8a8, probe):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["dynamic", "static"])
-def test_smoothquant_beats_naive_w8a8_on_all_blocks(smollm2, calib_path, probe, scheme):
+def test_smoothquant_beats_naive_w8a8_on_all_blocks(smollm2, calib_path, wiki_ids, scheme):
     calib = calibration_windows(smollm2[1], calib_path, nsamples=4, seqlen=128, seed=0)
-    ref = _logits(smollm2[0], probe)
-    mse, err = {}, {}
+    windows = eval_windows(wiki_ids, 128, limit=2)
+    mse, ppl = {}, {}
     for name in ("w8a8", "smoothquant"):
         model = copy.deepcopy(smollm2[0])
         res = quantize(model, name, calib, progress=False, act_scheme=scheme)
-        mse[name], err[name] = mean_output_rel_mse(res), _rel(_logits(model, probe), ref)
-    # measured: output rel. MSE dynamic 3.9e-4 vs 1.27e-3, static 1.51e-2 vs 1.72e-2
-    print("SLOWNUM", scheme, mse, err)
-    assert mse["smoothquant"] < 0.9 * mse["w8a8"] and err["smoothquant"] < err["w8a8"], (mse, err)
+        mse[name], ppl[name] = mean_output_rel_mse(res), evaluate(model, windows, progress=False).perplexity
+    # measured: output rel. MSE dynamic 3.9e-4 vs 1.27e-3, static 1.51e-2 vs 1.72e-2 (down_proj's unsmoothed
+    # inputs dominate the static error: 0.10 for both); ppl (fp32 39.0) dynamic 39.4 vs 40.7, static 69.9 vs 77.4
+    assert mse["smoothquant"] < 0.9 * mse["w8a8"] and ppl["smoothquant"] < ppl["w8a8"], (mse, ppl)

@@ -169,6 +169,19 @@ def test_lkd_is_deterministic(smollm2, calib):
     assert drop(ra.method.lkd_log[0]) == drop(rb.method.lkd_log[0])
 
 
+def test_lkd_on_the_float_models_hidden_states(smollm2, calib):
+    """lkd_inputs="float" (the paper's LKD): every block is distilled on the float model's hidden states, so
+    the last block's teacher outputs are exactly the float model's (the walk itself feeds quantized ones)."""
+    _, head, res = _zeroquant_first_blocks(smollm2, calib, 2, **{**LKD, "lkd_steps": 4, "lkd_inputs": "float"})
+    float_head = _first_blocks(smollm2[0], 2)
+    with torch.no_grad():
+        x, cos, sin, _ = float_head.embed(calib.windows)
+        for block in float_head.model.layers:
+            x = block(x, cos, sin)
+    assert torch.allclose(res.method._xf, x, rtol=1e-5, atol=1e-4)
+    assert len(res.method.lkd_log) == 2
+
+
 def test_zeroquant_save_load_identical_logits(tmp_path, smollm2, lkd, heldout):
     """The two LKD-trained blocks alone (embedding, 2 blocks, head) through a checkpoint."""
     _, head, res = lkd
