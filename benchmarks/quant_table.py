@@ -20,7 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 
-# name -> (method, options)
+# name -> (method, options[, kv_cache])
 SETS: dict[str, dict[str, tuple[str, dict]]] = {
     "core": {  # [2/5]: the quantization core
         "rtn-w8-ch": ("rtn", dict(bits=8, group_size=-1, sym=True)),
@@ -36,6 +36,26 @@ SETS: dict[str, dict[str, tuple[str, dict]]] = {
         "rtn-w4-g32-asym-intzero": ("rtn", dict(bits=4, group_size=32)),
         "w8a8-dynamic": ("w8a8", dict()),
         "fp8-dynamic": ("fp8", dict()),
+    },
+    "methods": {  # [3/5]: the published methods against RTN on the same grids
+        "rtn-w4-ch": ("rtn", dict(bits=4, group_size=-1)),
+        "gptq-w4-ch": ("gptq", dict(bits=4, group_size=-1)),
+        "rtn-w3-ch": ("rtn", dict(bits=3, group_size=-1)),
+        "gptq-w3-ch": ("gptq", dict(bits=3, group_size=-1)),
+        "rtn-w4-g128": ("rtn", dict(bits=4, group_size=128)),
+        "gptq-w4-g128": ("gptq", dict(bits=4, group_size=128)),
+        "awq-w4-g128": ("awq", dict(bits=4, group_size=128)),
+        "rtn-w3-g128": ("rtn", dict(bits=3, group_size=128)),
+        "gptq-w3-g128": ("gptq", dict(bits=3, group_size=128)),
+        "llm-int8": ("llm-int8", dict()),
+        "w8a8-dynamic": ("w8a8", dict()),
+        "smoothquant-dynamic": ("smoothquant", dict()),
+        "w8a8-static": ("w8a8", dict(act_scheme="static")),
+        "smoothquant-static": ("smoothquant", dict(act_scheme="static")),
+        "zeroquant-w4-g128-a8": ("zeroquant", dict(bits=4, group_size=128)),
+        "zeroquant-w4-g128-a8-lkd": ("zeroquant", dict(bits=4, group_size=128, lkd_steps=200)),
+        "kv-int8": ("noop", dict(), "int8"),
+        "kv-fp8": ("noop", dict(), "fp8"),
     },
 }
 
@@ -68,7 +88,7 @@ def main() -> None:
         if unknown:
             sys.exit(f"error: --configs: unknown {unknown[0]!r} (known: {', '.join(chosen)})")
         chosen = {k: chosen[k] for k in args.configs.split(",")}
-    cands = [compare.Candidate(n, m, o) for n, (m, o) in chosen.items()]
+    cands = [compare.Candidate(n, *spec) for n, spec in chosen.items()]
     base, tok = load(args.model)
     windows = eval_windows(tokenize_text(tok, read_text(args.text)), args.seqlen, args.windows)
     needs = any(get_method(c.method, **c.options).needs_calibration for c in cands)

@@ -1,6 +1,7 @@
 """`lowbit quantize`: run a registered method over the model block by block and save the result."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from lowbit.cli.common import add_model_arg, console
@@ -13,6 +14,18 @@ METHOD_FLAGS = {
     "zero_point": dict(choices=["int", "float"], help="asymmetric offset: integer zero point or real minimum"),
     "observer": dict(help="range observer: minmax | percentile | mse | kl"),
     "act_scheme": dict(choices=["dynamic", "static"], help="activation scales: per-token dynamic or static"),
+    "act_order": dict(action=argparse.BooleanOptionalAction, help="GPTQ: columns by descending Hessian diagonal"),
+    "true_sequential": dict(action=argparse.BooleanOptionalAction,
+                            help="GPTQ: attention first, MLP statistics from the quantized attention (default on)"),
+    "mse_clip": dict(action=argparse.BooleanOptionalAction, help="GPTQ: MSE-optimal grid ranges"),
+    "percdamp": dict(type=float, help="GPTQ: dampening as a fraction of the mean Hessian diagonal"),
+    "alpha": dict(help="SmoothQuant migration strength in [0, 1], or 'auto' to search it"),
+    "clip": dict(action=argparse.BooleanOptionalAction, help="AWQ: weight-clipping search (default on)"),
+    "n_grid": dict(type=int, help="AWQ: grid points for the scale exponent"),
+    "threshold": dict(type=float, help="LLM.int8(): |x| >= threshold marks an outlier feature (default 6.0)"),
+    "act_bits": dict(type=int, help="ZeroQuant: activation bits (8 per-token dynamic, 16 none)"),
+    "lkd_steps": dict(type=int, help="ZeroQuant: layer-wise distillation steps per block (0 = off)"),
+    "lkd_lr": dict(type=float, help="ZeroQuant: LKD Adam learning rate"),
 }
 
 

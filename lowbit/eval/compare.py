@@ -24,6 +24,7 @@ class Candidate:
     name: str
     method: str
     options: dict = field(default_factory=dict)
+    kv_cache: str | None = None      # "int8" | "fp8": also quantize the KV cache
 
 
 def build(base, cand: Candidate, calib, device=None, progress: bool = False):
@@ -37,9 +38,13 @@ def build(base, cand: Candidate, calib, device=None, progress: bool = False):
     with PeakMemory(device or str(base.device)) as pm:
         res = quantize(model, method, calib if method.needs_calibration else None, device=device,
                        progress=progress)
+    if cand.kv_cache:
+        from lowbit.quant.kv_quant import KVQuant
+        model.set_kv_quant(KVQuant(cand.kv_cache))
     layers = res.report.layers
     n_weights = sum(r.fp16_bytes for r in layers) / 2
-    return model, {"method": method.describe(), "quantize_seconds": time.perf_counter() - t0,
+    return model, {"method": method.describe(), "kv_cache": cand.kv_cache,
+                   "quantize_seconds": time.perf_counter() - t0,
                    "peak_memory_bytes": pm.peak_bytes, "model_bytes": model_bytes(model),
                    "bits_per_weight": 8 * sum(r.stored_bytes for r in layers) / max(n_weights, 1),
                    "calibration": calib.describe() if (calib is not None and method.needs_calibration) else None}

@@ -125,10 +125,13 @@ def _output_rel_mse(old: nn.Linear, new: nn.Module, x: torch.Tensor) -> float:
     return ((new(x).float() - ref).pow(2).sum() / ref.pow(2).sum().clamp_min(1e-30)).item()
 
 
+def _fp16_bytes(m: nn.Linear) -> int:
+    return 2 * (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0))
+
+
 def _stored_bytes(m: nn.Module) -> int:
-    if hasattr(m, "nbytes"):
-        return int(m.nbytes())
-    return sum(t.numel() * t.element_size() for t in list(m.parameters()) + list(m.buffers()))
+    """Bytes a quantized layer stores; an unquantized Linear counts as the fp16 baseline."""
+    return int(m.nbytes()) if hasattr(m, "nbytes") else _fp16_bytes(m)
 
 
 def quantize_model(model, method, windows: torch.Tensor | None = None, device: str | None = None,
@@ -175,8 +178,8 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
                 new = method.quantize_linear(n, lin, col)
                 rows = sinks[n][-1].tensor() if xs is not None else None   # [n_rows, in] for the report
                 report.layers.append(LayerReport(
-                    block=i, name=n, kind=type(new).__name__, fp16_bytes=lin.weight.numel() * 2 +
-                    (lin.bias.numel() * 2 if lin.bias is not None else 0), stored_bytes=_stored_bytes(new),
+                    block=i, name=n, kind=type(new).__name__, fp16_bytes=_fp16_bytes(lin),
+                    stored_bytes=_stored_bytes(new),
                     weight_rel_err=_weight_rel_err(lin, new),
                     output_rel_mse=_output_rel_mse(lin, new, rows) if rows is not None else None,
                     extra=getattr(new, "report_extra", {})))

@@ -29,6 +29,14 @@ K = 4                               # blocks quantized by the fast end-to-end te
 W4G128 = dict(bits=4, group_size=128)
 
 
+def copy_first_blocks(model, k):
+    """A copy of `model` whose first k decoder blocks are its own; every other module (embeddings, head, the
+    remaining blocks) is shared with `model` through deepcopy's memo, which saves copying 500 MB per test.
+    Only the first k blocks may be changed."""
+    shared = [model.model.embed_tokens, model.model.norm, model.lm_head, *list(model.model.layers)[k:]]
+    return copy.deepcopy(model, memo={id(m): m for m in shared})
+
+
 def quantize_first_blocks(model, method, calib, k, **opts):
     """The layer walk over the first k decoder blocks only; the others stay float (and in the model)."""
     layers = model.model.layers
@@ -65,14 +73,14 @@ def _logits(model, ids):
 
 # ----------------------------------------------------------------------------- folding
 
-def test_awq_scale_folding_keeps_the_float_model(smollm2, calib_path, probe):
+def test_awq_scale_folding_keeps_the_float_model(smollm2, calib, probe):
     """AWQ's searched scales folded into SmolLM2's first 6 blocks (no quantization; the same code runs for every
     block) leave the model's logits unchanged."""
-    model = copy.deepcopy(smollm2[0])
+    model = copy_first_blocks(smollm2[0], 6)
     orig = dict(smollm2[0].named_parameters())
     layout = layout_of(model)
     method = get_method("awq", n_grid=4, search_tokens=32, **W4G128)          # a coarse grid keeps this quick
-    xs, kw = block_inputs(model, calibration_windows(smollm2[1], calib_path, nsamples=1, seqlen=32, seed=1).windows)
+    xs, kw = block_inputs(model, calib.windows[:1, :32])                          # one 32-token window
     for block in list(model.model.layers)[:6]:
         method.prepare_block(block, layout, xs, kw)
         xs = run_block(block, xs, kw, "cpu")
@@ -196,7 +204,7 @@ def test_clip_search_matches_brute_force():
 def awq_vs_rtn(smollm2, calib, test_windows):
     out = {}
     for name, opts in (("rtn", {}), ("awq", dict(search_tokens=128))):   # AWQ's search on one 128-token window
-        model = copy.deepcopy(smollm2[0])
+        model = copy_first_blocks(smollm2[0], K)
         res = quantize_first_blocks(model, name, calib, K, **W4G128, **opts)
         ppl = evaluate(model, test_windows, progress=False).perplexity
         out[name] = (model, res, ppl)

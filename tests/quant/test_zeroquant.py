@@ -131,10 +131,15 @@ def lkd(smollm2, calib):
     return _zeroquant_first_blocks(smollm2, calib, 2, **LKD)
 
 
+@pytest.fixture(scope="module")
+def base_logits(smollm2, heldout):
+    return _logits(smollm2[0], heldout)
+
+
 def test_lkd_lowers_each_blocks_output_error(rtn, lkd):
     """On the calibration inputs, every block's output MSE against the float block drops from the
-    round-to-nearest block's (mse_before: the same block before training, on the same inputs) (measured
-    0.071 -> 0.017 and 0.094 -> 0.029 with 40 steps of 2 windows x 32 tokens)."""
+    round-to-nearest block's (mse_before: the same block before training, on the same inputs); measured
+    0.071 -> 0.017 and 0.094 -> 0.029 with 40 steps of 2 windows x 32 tokens."""
     assert sum(isinstance(m, FakeQuantLinear) for m in lkd[0].modules()) == 14
     log = lkd[2].method.lkd_log
     assert [e["block"] for e in log] == [0, 1] and not any(e["reverted"] for e in log)
@@ -145,16 +150,24 @@ def test_lkd_lowers_each_blocks_output_error(rtn, lkd):
     assert extra["lkd_mse_after"] == log[0]["mse_after"] and rtn[2].report.layers[0].extra == {}
 
 
-def test_lkd_lowers_heldout_perplexity(smollm2, rtn, lkd, heldout):
-    """Two W4 g128 + A8 blocks in float SmolLM2, 2 x 128 held-out tokens: measured perplexity 39.00 (float)
-    -> 40.51 (round-to-nearest) -> 39.41 (LKD); KL from the float model 0.057 -> 0.033."""
-    base = _logits(smollm2[0], heldout)
-    ppl0, _ = _ppl_kl(base, base, heldout)
-    ppl_rtn, kl_rtn = _ppl_kl(_logits(rtn[0], heldout), base, heldout)
-    ppl_lkd, kl_lkd = _ppl_kl(_logits(lkd[0], heldout), base, heldout)
+def test_lkd_brings_w4_closer_to_float(rtn, lkd, base_logits, heldout):
+    """Held-out KL from the float model, W4 g128 + A8 in blocks 0-1: measured 0.074 -> 0.049 nats/token.
+    (Perplexity moves by less than its noise on 256 tokens here: two W4 blocks cost only ~1%.)"""
+    _, kl_rtn = _ppl_kl(_logits(rtn[0], heldout), base_logits, heldout)
+    _, kl_lkd = _ppl_kl(_logits(lkd[0], heldout), base_logits, heldout)
+    assert kl_lkd < 0.8 * kl_rtn, (kl_rtn, kl_lkd)
+
+
+def test_lkd_lowers_heldout_perplexity(smollm2, calib, base_logits, heldout):
+    """W3 g128 + A8 in blocks 0-1, where the damage is well above the noise of 2 x 128 held-out tokens:
+    measured perplexity 39.00 (float) -> 55.37 (round-to-nearest) -> 47.97 (LKD, 40 steps)."""
+    ppl0, _ = _ppl_kl(base_logits, base_logits, heldout)
+    ppl_rtn, _ = _ppl_kl(_logits(_zeroquant_first_blocks(smollm2, calib, 2, bits=3)[0], heldout),
+                         base_logits, heldout)
+    ppl_lkd, _ = _ppl_kl(_logits(_zeroquant_first_blocks(smollm2, calib, 2, bits=3, **LKD)[0], heldout),
+                         base_logits, heldout)
     assert ppl0 < ppl_lkd < ppl_rtn
-    assert ppl_lkd - ppl0 < 0.6 * (ppl_rtn - ppl0)
-    assert kl_lkd < 0.8 * kl_rtn
+    assert ppl_lkd - ppl0 < 0.75 * (ppl_rtn - ppl0), (ppl0, ppl_rtn, ppl_lkd)
 
 
 def test_lkd_is_deterministic(smollm2, calib):

@@ -14,6 +14,10 @@ is trained to reproduce the float block's outputs on the calibration inputs (MSE
   * forward: weights group-quantized from the latent copy and inputs per-token int8 quantized, both with a
     straight-through estimator (the rounding is the identity for the gradient);
   * Adam, lr lkd_lr, lkd_steps steps over seeded random minibatches of lkd_batch calibration windows;
+  * inputs (lkd_inputs): "quantized" (default) trains on the walk's inputs, i.e. the outputs of the blocks
+    already quantized, with the float block's outputs on those inputs as targets (what the block will see
+    at inference); "float" is the paper's formulation, where teacher and student both read the float
+    model's hidden states (kept by the method, one extra float block pass per block);
   * afterwards every Linear is re-quantized from its trained latent weight (the same function as in
     training, so the model is exactly the one trained), and the block's output MSE before/after LKD is
     logged (`Method.lkd_log`, and the block's Linears' report `extra`). If LKD made it worse the block's
@@ -48,7 +52,7 @@ class ZeroQuantConfig(MethodConfig):
     attn_bits: int | None = None      # weight bits of the attention projections (None: `bits`)
     act_bits: int = 8                 # 8: per-token dynamic int8 activations; 16: no activation quantization
     lkd_steps: int = 0                # LKD optimizer steps per block (0: off)
-    lkd_lr: float = 5e-4              # Adam learning rate
+    lkd_lr: float = 2e-4              # Adam learning rate
     lkd_batch: int = 4                # calibration windows per LKD step
     lkd_norms: bool = True            # also train the block's norm weights
     lkd_seed: int = 0                 # minibatch order
