@@ -10,7 +10,7 @@ from lowbit.cli.common import add_model_arg, console
 METHOD_FLAGS = {
     "bits": dict(type=int, help="weight bits 2..8"),
     "group_size": dict(type=int, help="-1 per output channel, 0 per tensor, N groups of N inputs"),
-    "sym": dict(action="store_true", default=None, help="symmetric grid (no zero point)"),
+    "sym": dict(action=argparse.BooleanOptionalAction, help="symmetric grid (no zero point); --no-sym for asymmetric"),
     "zero_point": dict(choices=["int", "float"], help="asymmetric offset: integer zero point or real minimum"),
     "observer": dict(help="range observer: minmax | percentile | mse | kl"),
     "act_scheme": dict(choices=["dynamic", "static"], help="activation scales: per-token dynamic or static"),
@@ -26,6 +26,8 @@ METHOD_FLAGS = {
     "act_bits": dict(type=int, help="ZeroQuant: activation bits (8 per-token dynamic, 16 none)"),
     "lkd_steps": dict(type=int, help="ZeroQuant: layer-wise distillation steps per block (0 = off)"),
     "lkd_lr": dict(type=float, help="ZeroQuant: LKD Adam learning rate"),
+    "attn_bits": dict(type=int, help="ZeroQuant: weight bits of the attention projections (default: --bits)"),
+    "lkd_inputs": dict(choices=["quantized", "float"], help="ZeroQuant: LKD block inputs (default quantized)"),
 }
 
 

@@ -15,7 +15,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.loader import load
 from lowbit.quant.api import calibration_windows, quantize
 from lowbit.quant.layers import LAYER_CLASSES, Int8Linear, build_layer
-from lowbit.quant.mixed_int8 import MixedInt8Linear, outlier_columns
+from lowbit.quant.layers.mixed_int8 import MixedInt8Linear, outlier_columns
 from lowbit.quant.registry import get_method
 
 IN, OUT = 64, 24
@@ -205,7 +205,7 @@ def test_llm_int8_report_on_smollm2(llm_int8, w8a8):
     err = [r.output_rel_mse for r in layers]
     assert sum(err) / len(err) < 1e-3 and max(err) < 1e-2
     with_outliers = [r for r in layers if r.extra["outlier_fraction"] > 0]
-    assert len(with_outliers) >= 20                                      # measured 93 of 210
+    assert len(with_outliers) >= 20                                      # measured 91 of 210
     last_down = layers[-1]
     assert last_down.name == "mlp.down_proj" and last_down.extra["outlier_dims"] > 50   # measured 338 of 1536
     assert all(r.extra["outlier_value_fraction"] < 0.05 for r in layers)
@@ -218,15 +218,21 @@ def test_llm_int8_report_on_smollm2(llm_int8, w8a8):
 
 
 def test_llm_int8_close_to_float_on_wikitext(smollm2, llm_int8, w8a8, windows):
-    """2 x 256 WikiText-2 tokens: measured perplexity 27.69 (float) -> 28.24 (llm-int8, +2.0%) and 28.35
-    (w8a8, +2.4%); KL from the float model 0.019 vs 0.035 nats/token. SmolLM2-135M's activations are
-    mostly below the threshold, so per-token int8 of the rest still costs ~2% here."""
+    """2 x 256 WikiText-2 tokens: measured perplexity 27.69 (float) -> 28.24 (llm-int8, +2.0%). Against naive
+    W8A8 on the first window (its CPU int8 matmul is slow): KL from the float model 0.0167 vs 0.0319
+    nats/token. Perplexity differences between the two are within the noise of so few tokens (window 0:
+    33.24 vs 33.05; 2 x 256: 28.24 vs 28.35; 16 x 256: 38.25 vs 38.58, float 37.50), KL is consistently
+    about half. SmolLM2-135M's activations are mostly below the threshold, so per-token int8 of the rest
+    still costs ~2% perplexity here (threshold 1.5 would get within 0.3%)."""
     base = _logits(smollm2[0], windows)
     ppl0, _ = _ppl_kl(base, base, windows)
-    ppl, kl = _ppl_kl(_logits(llm_int8[0], windows), base, windows)
-    ppl_naive, kl_naive = _ppl_kl(_logits(w8a8[0], windows), base, windows)
-    assert ppl < 1.03 * ppl0 and ppl < ppl_naive
-    assert kl < 0.7 * kl_naive
+    logits = _logits(llm_int8[0], windows)
+    ppl, _ = _ppl_kl(logits, base, windows)
+    assert ppl < 1.03 * ppl0, (ppl0, ppl)
+    one = windows[:1]
+    _, kl = _ppl_kl(logits[:1], base[:1], one)
+    _, kl_naive = _ppl_kl(_logits(w8a8[0], one), base[:1], one)
+    assert kl < 0.7 * kl_naive, (kl, kl_naive)
 
 
 def test_llm_int8_save_load_identical_logits(tmp_path, smollm2, llm_int8, windows):
@@ -238,5 +244,5 @@ def test_llm_int8_save_load_identical_logits(tmp_path, smollm2, llm_int8, window
     assert any(c["n_fp_cols"] > 0 for c in qcfg["modules"].values())
     loaded, _ = load(out)
     assert sum(isinstance(m, MixedInt8Linear) for m in loaded.modules()) == 210
-    probe = windows[:, :48]
+    probe = windows[:1, :48]
     assert torch.equal(_logits(loaded, probe), _logits(model, probe))

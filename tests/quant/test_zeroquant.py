@@ -160,12 +160,12 @@ def test_lkd_brings_w4_closer_to_float(rtn, lkd, base_logits, heldout):
 
 def test_lkd_lowers_heldout_perplexity(smollm2, calib, base_logits, heldout):
     """W3 g128 + A8 in blocks 0-1, where the damage is well above the noise of 2 x 128 held-out tokens:
-    measured perplexity 39.00 (float) -> 55.37 (round-to-nearest) -> 47.97 (LKD, 40 steps)."""
+    measured perplexity 39.00 (float) -> 55.37 (round-to-nearest) -> 48.21 (LKD, 30 steps)."""
     ppl0, _ = _ppl_kl(base_logits, base_logits, heldout)
     ppl_rtn, _ = _ppl_kl(_logits(_zeroquant_first_blocks(smollm2, calib, 2, bits=3)[0], heldout),
                          base_logits, heldout)
-    ppl_lkd, _ = _ppl_kl(_logits(_zeroquant_first_blocks(smollm2, calib, 2, bits=3, **LKD)[0], heldout),
-                         base_logits, heldout)
+    w3_lkd = _zeroquant_first_blocks(smollm2, calib, 2, bits=3, **{**LKD, "lkd_steps": 30})[0]
+    ppl_lkd, _ = _ppl_kl(_logits(w3_lkd, heldout), base_logits, heldout)
     assert ppl0 < ppl_lkd < ppl_rtn
     assert ppl_lkd - ppl0 < 0.75 * (ppl_rtn - ppl0), (ppl0, ppl_rtn, ppl_lkd)
 

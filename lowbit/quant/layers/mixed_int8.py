@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.quant.int8_matmul import INT8_SYM, int8_mm, quantize_act_int8
-from lowbit.quant.layers import LAYER_CLASSES, _linear_weight, _QuantLinear
+from lowbit.quant.layers.base import _linear_weight, _QuantLinear
 from lowbit.quant.primitives import dequantize, quantize_groups
 
 DEFAULT_THRESHOLD = 6.0
@@ -146,7 +146,3 @@ class MixedInt8Linear(_QuantLinear):
         if self.fp_weight is not None:  # the storage dtype of the kept columns (.half() may have changed it)
             cfg["dtype"] = str(self.fp_weight.dtype).removeprefix("torch.")
         return cfg
-
-
-# layers.py imports this module right after its LAYER_CLASSES table, so build_layer() knows the kind.
-LAYER_CLASSES[MixedInt8Linear.kind] = MixedInt8Linear

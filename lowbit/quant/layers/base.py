@@ -1,0 +1,176 @@
+"""What every quantized Linear shares: argument checks, the grouped weight quantizer, the base class."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+
+import torch
+import torch.nn as nn
+
+from lowbit.errors import LowbitError
+from lowbit.quant.observers import observe
+from lowbit.quant.primitives import (QuantSpec, from_groups, group_minmax, qparams, quantize,
+                                     quantize_groups, to_groups)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _as_spec(spec) -> QuantSpec:
+    if isinstance(spec, QuantSpec):
+        return spec
+    if isinstance(spec, dict):
+        try:
+            return QuantSpec(**spec)
+        except TypeError as e:
+            raise LowbitError(f"spec: {e}") from None
+    raise LowbitError(f"spec must be a QuantSpec or a dict of its fields, got {type(spec).__name__}")
+
+
+def _as_dtype(dtype) -> torch.dtype:
+    dt = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(dt, torch.dtype) or not dt.is_floating_point:
+        raise LowbitError(f"dtype must be a floating torch dtype (or its name), got {dtype!r}")
+    return dt
+
+
+def _grouped_shape(spec: QuantSpec, out_features: int, in_features: int) -> tuple[int, int]:
+    """(rows, G) of a weight's scale/zero: [out, ceil(in/g)], [out, 1] per channel, [1, 1] per tensor.
+
+    A group size that does not divide in_features leaves a shorter last group, as in the GPTQ reference
+    (column j is in group j // g): SmolLM2's 576-wide inputs with g=128 get four groups of 128 and one of 64.
+    """
+    gs = spec.group_size
+    if gs > in_features:
+        raise LowbitError(f"group_size={gs} is larger than in_features={in_features}")
+    return (1 if gs == 0 else out_features), (-(-in_features // gs) if gs > 0 else 1)
+
+
+def _ragged(spec: QuantSpec, in_features: int) -> bool:
+    return spec.group_size > 0 and in_features % spec.group_size != 0
+
+
+def _parts(spec: QuantSpec, in_features: int) -> list[tuple[slice, QuantSpec]]:
+    """Column slices and the spec each is quantized with: all columns, or (whole groups, the short last group)."""
+    if not _ragged(spec, in_features):
+        return [(slice(0, in_features), spec)]
+    cut = in_features - in_features % spec.group_size
+    tail = dataclasses.replace(spec, group_size=in_features % spec.group_size)
+    return [(slice(0, cut), spec), (slice(cut, in_features), tail)]
+
+
+def _fit(t, shape, dtype, device, name: str) -> torch.Tensor:
+    """t reshaped to `shape`, cast to dtype and moved to device, as an own contiguous copy."""
+    t = torch.as_tensor(t).detach()
+    if t.numel() != math.prod(shape):
+        raise LowbitError(f"{name} has {t.numel()} values but the layer needs shape {tuple(shape)}")
+    return t.reshape(shape).to(device=device, dtype=dtype, copy=True).contiguous()
+
+
+def _linear_weight(linear: nn.Module) -> torch.Tensor:
+    if not isinstance(getattr(linear, "weight", None), torch.Tensor) or linear.weight.ndim != 2:
+        raise LowbitError(f"linear must be an nn.Linear-like module with a 2-d weight, got {type(linear).__name__}")
+    return linear.weight.detach().float()  # quantization math runs in float32
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, lo=None, hi=None,
+                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [out, in] -> (codes [out, in], scale [rows, G, 1], zero [rows, G, 1]).
+
+    Like primitives.quantize_groups, except that scale/zero are first rounded to
+    scale_dtype (the dtype they are stored in), so the codes are the nearest ones for
+    the stored scales and dequantization from storage reproduces them exactly.
+    """
+    if scale_dtype is None:
+        return quantize_groups(w, spec, lo, hi)
+    wg = to_groups(w, spec.group_size)  # [out, G, g]
+    if lo is None or hi is None:
+        glo, ghi = group_minmax(w, spec.group_size)  # [rows, G, 1]
+        lo, hi = glo if lo is None else lo, ghi if hi is None else hi
+    scale, zero = qparams(lo, hi, spec)  # [rows, G, 1]
+    # A scale below the storage dtype's smallest normal would flush to 0 and divide by zero.
+    scale = scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).to(scale.dtype)
+    zero = zero.to(scale_dtype).to(zero.dtype)
+    q = quantize(wg, scale, zero, spec)  # [out, G, g]
+    return from_groups(q, w.shape), scale, zero
+
+
+def _weight_range(w: torch.Tensor, spec: QuantSpec, lo, hi, observer):
+    """(lo, hi) in the grouped layout [rows, G, 1] (None = per-group min/max), from lo/hi or an observer."""
+    if observer is not None:
+        if lo is not None or hi is not None:
+            raise LowbitError("pass either lo/hi or observer, not both")
+        if not (isinstance(observer, str) or callable(observer)):
+            raise LowbitError(f"observer must be a name or an Observer, got {type(observer).__name__}")
+        lo, hi = observe(w, spec, method=observer) if isinstance(observer, str) else observer(w)
+    rows, g = _grouped_shape(spec, *w.shape)
+    lo = None if lo is None else _fit(lo, (rows, g, 1), torch.float32, w.device, "lo")
+    hi = None if hi is None else _fit(hi, (rows, g, 1), torch.float32, w.device, "hi")
+    return lo, hi
+
+
+# Weight fake-quant modes other than a QuantSpec (integer grid): fp8 per tensor / per channel.
+FP8_WEIGHT = {"fp8": False, "fp8_channel": True}
+
+
+# ----------------------------------------------------------------------------- base
+
+class _QuantLinear(nn.Module):
+    kind = ""
+    _keep_dtype: tuple[str, ...] = ()  # buffers whose dtype is part of the format
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device):
+        super().__init__()
+        for name, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise LowbitError(f"{name} must be a positive integer, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self._dtype = _as_dtype(dtype)
+        self.register_buffer("bias", torch.empty(out_features, dtype=self._dtype, device=device) if bias else None)
+
+    def nbytes(self) -> int:
+        """Bytes of everything stored: codes, scales, zeros, g_idx, bias."""
+        ts = itertools.chain(self.buffers(recurse=False), self.parameters(recurse=False))
+        return sum(t.numel() * t.element_size() for t in ts)
+
+    def _apply(self, fn, recurse=True):
+        # .half()/.to(dtype) cast every floating tensor, fp8 codes and fp32 scales too;
+        # those buffers may only change device.
+        kept = {n: self._buffers[n] for n in self._keep_dtype if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for n, t in kept.items():
+            if self._buffers[n].dtype != t.dtype:
+                self._buffers[n] = t.to(self._buffers[n].device)
+        return self
+
+    def _load(self, name: str, value):
+        """Set buffer `name` from value, fitted to the buffer's shape, dtype and device."""
+        like = self._buffers[name]
+        setattr(self, name, _fit(value, like.shape, like.dtype, like.device, name))
+
+    def _check_input(self, x: torch.Tensor):
+        if x.shape[-1] != self.in_features:
+            raise LowbitError(f"input has last dim {x.shape[-1]} but the layer has in_features={self.in_features}")
+
+    def _finish(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """float32 y [M, out] + bias, in x's dtype and leading shape [..., out]."""
+        if self.bias is not None:
+            y = y + self.bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _options(self) -> dict:
+        return {}
+
+    def layer_config(self) -> dict:
+        """JSON-able description: build_layer(layer_config()) makes an empty twin of this layer."""
+        # The storage dtype as it is now (.half() may have changed it since construction).
+        dt = next((self._buffers[n].dtype for n in ("scale", "weight", "bias") if self._buffers.get(n) is not None),
+                  self._dtype)
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "dtype": str(dt).removeprefix("torch."), **self._options()}
+
+    def extra_repr(self) -> str:
+        opts = "".join(f", {k}={v}" for k, v in self._options().items())
+        return f"in_features={self.in_features}, out_features={self.out_features}{opts}, bias={self.bias is not None}"
+
+

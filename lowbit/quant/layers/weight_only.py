@@ -1,0 +1,128 @@
+"""WkA16: k-bit codes packed along the input dim, per-group scale/zero, dequantized on the fly."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lowbit.errors import LowbitError
+from lowbit.quant.primitives import (dequantize, dequantize_groups, pack, packed_numel, unpack)
+
+
+from lowbit.quant.layers.base import (_QuantLinear, _as_dtype, _as_spec, _grouped_shape, _linear_weight,
+                                       _parts, _ragged, _weight_range, quantize_weight)
+
+
+# ----------------------------------------------------------------------------- weight-only
+
+class WeightOnlyLinear(_QuantLinear):
+    """WkA16 linear. Buffers: qweight uint8 [out, packed_numel(in, bits)] (primitives.pack),
+    scale [rows, G] and zero [rows, G] (asymmetric only; the real offset for float zero points)
+    in dtype, g_idx int32 [in] when act_order (column j uses group g_idx[j]), bias [out]."""
+
+    kind = "weight_only"
+
+    def __init__(self, in_features: int, out_features: int, spec, bias: bool = True,
+                 dtype=torch.float16, act_order: bool = False, device=None):
+        super().__init__(in_features, out_features, bias, dtype, device)
+        self.spec = _as_spec(spec)
+        self.act_order = bool(act_order)
+        rows, g = _grouped_shape(self.spec, out_features, in_features)
+        kw = dict(dtype=self._dtype, device=device)
+        self.register_buffer("qweight", torch.empty(out_features, packed_numel(in_features, self.spec.bits),
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.empty(rows, g, **kw))
+        # Symmetric grids have zero == 0 by definition: store nothing.
+        self.register_buffer("zero", None if self.spec.symmetric else torch.empty(rows, g, **kw))
+        # g_idx: the group of each input column, for act-order and for a short last group.
+        has_gidx = act_order or _ragged(self.spec, in_features)
+        self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device) if has_gidx else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, spec, lo=None, hi=None, observer=None,
+                    dtype=torch.float16) -> "WeightOnlyLinear":
+        """Quantize linear's weight with spec; range per group from lo/hi ([rows, G] or [rows, G, 1],
+        e.g. clipped by AWQ/GPTQ), an observer (name or Observer) or min/max. dtype: scale/zero/bias storage."""
+        spec, dtype = _as_spec(spec), _as_dtype(dtype)
+        w = _linear_weight(linear)  # [out, in]
+        _grouped_shape(spec, *w.shape)  # group_size check before any work
+        codes, scales, zeros, g0 = [], [], [], 0
+        for cols, sub in _parts(spec, w.shape[1]):  # one part, or whole groups + the short last group
+            wp = w[:, cols]                                                     # [out, cols]
+            n_groups = _grouped_shape(sub, *wp.shape)[1]
+            part = slice(g0, g0 + n_groups)
+            lo_p, hi_p = _weight_range(wp, sub, None if lo is None else torch.as_tensor(lo)[:, part],
+                                       None if hi is None else torch.as_tensor(hi)[:, part], observer)
+            q, scale, zero = quantize_weight(wp, sub, lo_p, hi_p, scale_dtype=dtype)  # scale [rows, G_p, 1]
+            codes.append(q), scales.append(scale), zeros.append(zero)
+            g0 += n_groups
+        q, scale, zero = torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1)
+        g_idx = torch.arange(w.shape[1]) // spec.group_size if _ragged(spec, w.shape[1]) else None
+        return cls.from_quantized(q, scale, None if spec.symmetric else zero, spec, linear.bias, g_idx=g_idx,
+                                  dtype=dtype)
+
+    @classmethod
+    def from_quantized(cls, q_codes: torch.Tensor, scale, zero, spec, bias=None, g_idx=None,
+                       dtype=torch.float16) -> "WeightOnlyLinear":
+        """Build from codes computed elsewhere (GPTQ): q_codes [out, in] on spec's grid, scale/zero
+        [rows, G] (or [rows, G, 1]), g_idx [in] or None. scale/zero are cast to dtype, so compute
+        codes against dtype-rounded scales for exact agreement."""
+        spec = _as_spec(spec)
+        if not isinstance(q_codes, torch.Tensor) or q_codes.ndim != 2 or q_codes.is_floating_point():
+            raise LowbitError("q_codes must be a 2-d integer tensor [out_features, in_features]")
+        out_f, in_f = q_codes.shape
+        layer = cls(in_f, out_f, spec, bias=bias is not None, dtype=dtype,
+                    act_order=g_idx is not None and not _ragged(spec, in_f), device=q_codes.device)
+        if q_codes.numel() and (int(q_codes.min()) < spec.qmin or int(q_codes.max()) > spec.qmax):
+            raise LowbitError(f"q_codes must lie in [{spec.qmin}, {spec.qmax}] for {spec.tag}, "
+                              f"got [{int(q_codes.min())}, {int(q_codes.max())}]")
+        layer.qweight = pack(q_codes, spec.bits)
+        layer._load("scale", scale)
+        if spec.symmetric:
+            if zero is not None and bool(torch.as_tensor(zero).ne(0).any()):
+                raise LowbitError("zero must be None or all 0 for a symmetric spec")
+        elif zero is None:
+            raise LowbitError(f"zero is required for the asymmetric spec {spec.tag}")
+        else:
+            layer._load("zero", zero)
+        if g_idx is not None:
+            layer._load("g_idx", g_idx)
+            gi = layer.g_idx
+            if int(gi.min()) < 0 or int(gi.max()) >= layer.scale.shape[1]:
+                raise LowbitError(f"g_idx values must lie in [0, {layer.scale.shape[1]}), "
+                                  f"got [{int(gi.min())}, {int(gi.max())}]")
+        if bias is not None:
+            layer._load("bias", bias)
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked codes [out, in] (int8 symmetric, uint8 otherwise)."""
+        return unpack(self.qweight, self.spec.bits, self.in_features, signed=self.spec.symmetric)
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Real weight [out, in], computed in float32 (float64 if stored so), cast to dtype if given."""
+        work = torch.promote_types(self.scale.dtype, torch.float32)
+        q, s = self.codes(), self.scale.to(work)  # [out, in], [rows, G]
+        z = None if self.zero is None else self.zero.to(work)  # [rows, G]
+        if self.g_idx is None:  # contiguous groups: scale/zero viewed as [rows, G, 1]
+            w = dequantize_groups(q, s.unsqueeze(-1), 0 if z is None else z.unsqueeze(-1), self.spec)  # [out, in]
+        else:  # act order: column j takes group g_idx[j]'s scale/zero, gathered to [rows, in]
+            gi = self.g_idx.long()
+            w = dequantize(q, s[:, gi], 0 if z is None else z[:, gi], self.spec)  # [out, in]
+        return w if dtype is None else w.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight(x.dtype), b)
+
+    def _options(self):
+        return {"spec": dataclasses.asdict(self.spec), "act_order": self.act_order}
+
+    def extra_repr(self):
+        return (f"in_features={self.in_features}, out_features={self.out_features}, spec={self.spec.tag}, "
+                f"act_order={self.act_order}, bias={self.bias is not None}, dtype={self.scale.dtype}")
+
+
