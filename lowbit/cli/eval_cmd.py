@@ -6,6 +6,8 @@ from pathlib import Path
 
 from lowbit.cli.common import add_model_arg, console, write_json_atomic
 
+DEFAULT_BASE = "<default model>"
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against --base",
@@ -18,7 +20,8 @@ def add_parser(sub) -> None:
     src.add_argument("--dataset", help="wikitext2 | ptb, through the `datasets` package (needs network)")
     p.add_argument("--seqlen", type=int, default=2048, help="window length in tokens (default 2048)")
     p.add_argument("--windows", type=int, default=None, help="evaluate only the first K windows (default all)")
-    p.add_argument("--base", help="a base model to compare against: KL divergence and top-1 agreement")
+    p.add_argument("--base", nargs="?", const=DEFAULT_BASE, metavar="BASE_MODEL",
+                   help="compare against a base model (bare --base: the default model): ΔPPL, KL, top-1 agreement")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(run=run)
@@ -37,7 +40,8 @@ def run(args) -> int:
         raise LowbitError("eval needs --text FILE or --dataset NAME")
     text = read_text(args.text) if args.text else load_dataset_text(args.dataset)
     model, tok = load(args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache)
-    base = load(args.base, dtype=args.dtype, device=args.device, tokenizer=False)[0] if args.base else None
+    base_path = None if args.base == DEFAULT_BASE else args.base
+    base = load(base_path, dtype=args.dtype, device=args.device, tokenizer=False)[0] if args.base else None
     if base is not None and base.config.vocab_size != model.config.vocab_size:
         raise LowbitError(f"--base {args.base}: vocab {base.config.vocab_size} differs from the model's "
                           f"{model.config.vocab_size}; KL needs the same tokenizer")
