@@ -48,10 +48,10 @@ def test_eval_json(tmp_path, wiki_test_path, capsys):
     assert "perplexity" in capsys.readouterr().out
 
 
-def test_eval_with_base(tmp_path, wiki_test_path, default_path):
+def test_eval_with_base(tmp_path, wiki_test_path):
     out = tmp_path / "k.json"
     assert main(["eval", "--text", str(wiki_test_path), "--seqlen", "64", "--windows", "1",
-                 "--base", str(default_path), "--json", str(out), "--no-progress"]) == 0
+                 "--json", str(out), "--no-progress", "--base"]) == 0  # bare --base: the default model
     r = json.loads(out.read_text())
     assert r["kl"] == pytest.approx(0, abs=1e-6) and r["top1_agreement"] == 1.0
 

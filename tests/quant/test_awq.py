@@ -8,6 +8,8 @@ import copy
 
 import pytest
 import torch
+from helpers import copy_first_blocks, mean_output_rel_mse, quantize_first_blocks
+from helpers import logits as _logits
 from torch import nn
 
 from lowbit.config import ModelConfig
@@ -20,35 +22,18 @@ from lowbit.models.names import layout_of
 from lowbit.quant import fold
 from lowbit.quant.api import calibration_windows, quantize
 from lowbit.quant.layers import WeightOnlyLinear
-from lowbit.quant.methods.awq import GroupGram, fake_quantize_weight, search_clip, search_scale
+from lowbit.quant.methods.awq import (
+    GroupGram,
+    fake_quantize_weight,
+    search_clip,
+    search_scale,
+)
 from lowbit.quant.primitives import QuantSpec
 from lowbit.quant.registry import get_method
 from lowbit.quant.walk import block_inputs, run_block
 
 K = 4                               # blocks quantized by the fast end-to-end tests
 W4G128 = dict(bits=4, group_size=128)
-
-
-def copy_first_blocks(model, k):
-    """A copy of `model` whose first k decoder blocks are its own; every other module (embeddings, head, the
-    remaining blocks) is shared with `model` through deepcopy's memo, which saves copying 500 MB per test.
-    Only the first k blocks may be changed."""
-    shared = [model.model.embed_tokens, model.model.norm, model.lm_head, *list(model.model.layers)[k:]]
-    return copy.deepcopy(model, memo={id(m): m for m in shared})
-
-
-def quantize_first_blocks(model, method, calib, k, **opts):
-    """The layer walk over the first k decoder blocks only; the others stay float (and in the model)."""
-    layers = model.model.layers
-    model.model.layers = nn.ModuleList(list(layers)[:k])
-    try:
-        return quantize(model, method, calib, progress=False, **opts)
-    finally:
-        model.model.layers = layers
-
-
-def mean_output_rel_mse(result) -> float:
-    return sum(r.output_rel_mse for r in result.report.layers) / len(result.report.layers)
 
 
 @pytest.fixture(scope="module")
@@ -64,11 +49,6 @@ def test_windows(wiki_ids):
 @pytest.fixture(scope="module")
 def probe(wiki_ids):
     return wiki_ids[1000:1096].view(2, 48)                                 # [2, 48]
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids)
 
 
 # ----------------------------------------------------------------------------- folding

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import logits as _logits
+from helpers import ppl_kl as _ppl_kl
 
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load
@@ -182,18 +183,6 @@ def llm_int8(smollm2, calib):
 def w8a8(smollm2, calib):
     model = copy.deepcopy(smollm2[0])
     return model, quantize(model, "w8a8", calib, progress=False)
-
-
-@torch.no_grad()
-def _logits(model, ids):
-    return torch.cat([model(ids[i: i + 1]) for i in range(ids.shape[0])])     # [W, S, V]
-
-
-def _ppl_kl(logits, base, ids):
-    """(perplexity, mean KL(base || model)) over the next-token predictions of ids [W, S]."""
-    lp, bp = F.log_softmax(logits[:, :-1], -1), F.log_softmax(base[:, :-1], -1)
-    nll = -lp.gather(-1, ids[:, 1:, None]).mean()
-    return math.exp(nll), (bp.exp() * (bp - lp)).sum(-1).mean().item()
 
 
 def test_llm_int8_report_on_smollm2(llm_int8, w8a8):

@@ -4,7 +4,8 @@ import copy
 
 import pytest
 import torch
-from torch import nn
+from helpers import copy_first_blocks, mean_output_rel_mse, quantize_first_blocks
+from helpers import logits as _logits
 
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import evaluate
@@ -18,33 +19,6 @@ from lowbit.quant.registry import get_method
 from lowbit.quant.walk import block_inputs, run_block
 
 K = 4                                # blocks quantized by the fast end-to-end tests
-
-
-def copy_first_blocks(model, k):
-    """A copy of `model` whose first k decoder blocks are its own; every other module (embeddings, head, the
-    remaining blocks) is shared with `model` through deepcopy's memo, which saves copying 500 MB per test.
-    Only the first k blocks may be changed."""
-    shared = [model.model.embed_tokens, model.model.norm, model.lm_head, *list(model.model.layers)[k:]]
-    return copy.deepcopy(model, memo={id(m): m for m in shared})
-
-
-def quantize_first_blocks(model, method, calib, k, **opts):
-    """The layer walk over the first k decoder blocks only; the others stay float (and in the model)."""
-    layers = model.model.layers
-    model.model.layers = nn.ModuleList(list(layers)[:k])
-    try:
-        return quantize(model, method, calib, progress=False, **opts)
-    finally:
-        model.model.layers = layers
-
-
-def mean_output_rel_mse(result) -> float:
-    return sum(r.output_rel_mse for r in result.report.layers) / len(result.report.layers)
-
-
-def _logits(model, ids):
-    with torch.no_grad():
-        return model(ids)
 
 
 def _rel(a, b) -> float:

@@ -8,12 +8,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from helpers import logits as _logits
+from helpers import ppl_kl as _ppl_kl
 
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load
@@ -49,17 +50,6 @@ def _splice(model, head):
     k = len(head.model.layers)
     view.model.layers = nn.ModuleList(list(head.model.layers) + list(model.model.layers)[k:])
     return view
-
-
-@torch.no_grad()
-def _logits(model, ids):
-    return torch.cat([model(ids[i: i + 1]) for i in range(ids.shape[0])])     # [W, S, V]
-
-
-def _ppl_kl(logits, base, ids):
-    lp, bp = F.log_softmax(logits[:, :-1], -1), F.log_softmax(base[:, :-1], -1)
-    nll = -lp.gather(-1, ids[:, 1:, None]).mean()
-    return math.exp(nll), (bp.exp() * (bp - lp)).sum(-1).mean().item()
 
 
 def test_weight_grid_is_the_packed_layers_grid():

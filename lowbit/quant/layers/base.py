@@ -148,6 +148,12 @@ class _QuantLinear(nn.Module):
         like = self._buffers[name]
         setattr(self, name, _fit(value, like.shape, like.dtype, like.device, name))
 
+    def _load_optional(self, **values) -> None:
+        """_load each given tensor (e.g. act_scale=..., bias=...), skipping the ones that are None."""
+        for name, value in values.items():
+            if value is not None:
+                self._load(name, value)
+
     def _check_input(self, x: torch.Tensor):
         if x.shape[-1] != self.in_features:
             raise LowbitError(f"input has last dim {x.shape[-1]} but the layer has in_features={self.in_features}")

@@ -57,10 +57,7 @@ class FakeQuantLinear(_QuantLinear):
         elif layer.spec is not None:
             w = fp8_dequantize(*fp8_quantize(w, FP8_FMT, per_channel=FP8_WEIGHT[layer.spec]))
         layer._load("weight", w)
-        if act_scale is not None:
-            layer._load("act_scale", act_scale)
-        if linear.bias is not None:
-            layer._load("bias", linear.bias)
+        layer._load_optional(act_scale=act_scale, bias=linear.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

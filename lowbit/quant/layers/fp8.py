@@ -37,10 +37,7 @@ class FP8Linear(_QuantLinear):
         layer = cls(w.shape[1], w.shape[0], per_channel=per_channel, static_act=act_scale is not None,
                     bias=linear.bias is not None, dtype=dtype or linear.weight.dtype, device=w.device)
         layer.qweight, layer.w_scale = fp8_quantize(w, FP8_FMT, per_channel=per_channel)  # [out, in], [out|1, 1]
-        if act_scale is not None:
-            layer._load("act_scale", act_scale)
-        if linear.bias is not None:
-            layer._load("bias", linear.bias)
+        layer._load_optional(act_scale=act_scale, bias=linear.bias)
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,10 +39,7 @@ class Int8Linear(_QuantLinear):
                     dtype=dtype or linear.weight.dtype, device=w.device)
         layer.qweight = q
         layer._load("w_scale", s)
-        if act_scale is not None:
-            layer._load("act_scale", act_scale)
-        if linear.bias is not None:
-            layer._load("bias", linear.bias)
+        layer._load_optional(act_scale=act_scale, bias=linear.bias)
         return layer
 
     def int_accumulate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
+from lowbit.errors import LowbitError
 from lowbit.quant.observers import get_observer
 from lowbit.quant.primitives import QuantSpec
+from lowbit.quant.registry import Method, MethodConfig
 
 PER_TENSOR_INT8 = QuantSpec(bits=8, symmetric=True, group_size=0)
 
@@ -32,3 +36,25 @@ class ChannelAbsMax:
     def update(self, x: torch.Tensor) -> None:
         m = x.detach().abs().reshape(-1, x.shape[-1]).amax(0).float().cpu()    # [in]
         self.absmax = m if self.absmax is None else torch.maximum(self.absmax, m)
+
+
+@dataclass
+class ActQuantConfig(MethodConfig):
+    """Activation quantization options shared by the W8A8-style methods."""
+    act_scheme: str = "dynamic"   # "dynamic" per token, or "static" per tensor from calibration
+    observer: str = "minmax"      # activation range observer for the static scheme
+
+    def __post_init__(self):
+        if self.act_scheme not in ("dynamic", "static"):
+            raise LowbitError(f"--act-scheme: expected dynamic or static, got {self.act_scheme!r}")
+
+
+class ActQuantMethod(Method):
+    """A method whose layers quantize activations: static scales need calibration, dynamic ones do not."""
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.cfg.act_scheme == "static"
+
+    def collector(self, name, linear):
+        return ActRange(self.cfg.observer) if self.cfg.act_scheme == "static" else None

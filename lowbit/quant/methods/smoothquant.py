@@ -41,23 +41,20 @@ from lowbit.errors import LowbitError
 from lowbit.quant import fold
 from lowbit.quant.int8_matmul import INT8_SYM
 from lowbit.quant.layers import FakeQuantLinear, Int8Linear, swap_linear
-from lowbit.quant.methods.act_stats import ActRange, ChannelAbsMax
-from lowbit.quant.registry import Method, MethodConfig, register
+from lowbit.quant.methods.act_stats import ActQuantConfig, ActRange, ChannelAbsMax
+from lowbit.quant.registry import Method, register
 from lowbit.quant.walk import run_block
 
 ALPHA_GRID = tuple(i / 10 for i in range(11))       # "auto": 0.0, 0.1, ..., 1.0
 
 
 @dataclass
-class SmoothQuantConfig(MethodConfig):
+class SmoothQuantConfig(ActQuantConfig):
     alpha: float | str = 0.5       # migration strength in [0, 1], or "auto" (searched per block)
-    act_scheme: str = "dynamic"    # "dynamic" per token, or "static" per tensor from calibration
-    observer: str = "minmax"       # activation range observer for the static scheme
     linear_producers: bool = False  # also smooth Linear-fed inputs (down_proj; o_proj without GQA): not in the paper
 
     def __post_init__(self):
-        if self.act_scheme not in ("dynamic", "static"):
-            raise LowbitError(f"--act-scheme: expected dynamic or static, got {self.act_scheme!r}")
+        super().__post_init__()
         a = self.alpha
         if isinstance(a, str) and a.strip().lower() == "auto":
             self.alpha = "auto"

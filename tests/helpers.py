@@ -1,0 +1,46 @@
+"""Helpers shared by the method tests (on the path through pytest's `pythonpath = tests`)."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowbit.quant.api import quantize
+
+
+def copy_first_blocks(model, k):
+    """A copy of `model` whose first k decoder blocks are its own; every other module (embeddings, head, the
+    remaining blocks) is shared with `model` through deepcopy's memo, which saves copying 500 MB per test.
+    Only the first k blocks may be changed."""
+    shared = [model.model.embed_tokens, model.model.norm, model.lm_head, *list(model.model.layers)[k:]]
+    return copy.deepcopy(model, memo={id(m): m for m in shared})
+
+
+def quantize_first_blocks(model, method, calib, k, **opts):
+    """The layer walk over the first k decoder blocks only; the others stay float (and in the model)."""
+    layers = model.model.layers
+    model.model.layers = nn.ModuleList(list(layers)[:k])
+    try:
+        return quantize(model, method, calib, progress=False, **opts)
+    finally:
+        model.model.layers = layers
+
+
+def mean_output_rel_mse(result) -> float:
+    return sum(r.output_rel_mse for r in result.report.layers) / len(result.report.layers)
+
+
+@torch.no_grad()
+def logits(model, ids):
+    """ids [W, S] -> logits [W, S, V], one window at a time."""
+    return torch.cat([model(ids[i: i + 1]) for i in range(ids.shape[0])])
+
+
+def ppl_kl(logits, base, ids):
+    """(perplexity, mean KL(base || model)) over the next-token predictions of ids [W, S]."""
+    lp, bp = F.log_softmax(logits[:, :-1], -1), F.log_softmax(base[:, :-1], -1)
+    nll = -lp.gather(-1, ids[:, 1:, None]).mean()
+    return math.exp(nll), (bp.exp() * (bp - lp)).sum(-1).mean().item()
