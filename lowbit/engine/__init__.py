@@ -1,5 +1,7 @@
-"""Serving engine pieces: the paged KV cache (block manager, paged storage, reference paged attention)."""
+"""Serving engine: paged KV cache (block manager, paged storage, reference paged attention), continuous-batching
+scheduler, model runner and the `Engine` / `LLM` API."""
 from lowbit.engine.block_manager import Append, BlockManager, MemoryStats, block_hash
+from lowbit.engine.llm import LLM, Engine, RequestOutput
 from lowbit.engine.paged_attention import paged_attention
 from lowbit.engine.paged_cache import (
     PagedBatchCache,
@@ -7,13 +9,25 @@ from lowbit.engine.paged_cache import (
     kv_bytes_per_token,
     num_blocks_for_memory,
 )
+from lowbit.engine.runner import ModelRunner
+from lowbit.engine.scheduler import Batch, ScheduledSeq, Scheduler
+from lowbit.engine.sequence import SeqStatus, Sequence
 
 __all__ = [
+    "LLM",
     "Append",
+    "Batch",
     "BlockManager",
+    "Engine",
     "MemoryStats",
+    "ModelRunner",
     "PagedBatchCache",
     "PagedKVCache",
+    "RequestOutput",
+    "ScheduledSeq",
+    "Scheduler",
+    "SeqStatus",
+    "Sequence",
     "block_hash",
     "kv_bytes_per_token",
     "num_blocks_for_memory",
