@@ -5,7 +5,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text with the KV cache, streaming tokens",
+    p = sub.add_parser("generate", help="generate text with the serving engine (paged KV cache), streaming tokens",
                        description="Prefill the prompt once, then decode token by token with the KV cache. "
                                    "Instruct models get their chat template unless --raw.")
     p.add_argument("args", nargs="+", metavar="[MODEL] PROMPT",
@@ -30,11 +30,14 @@ def add_model_arg_options(p) -> None:
 
 
 def run(args) -> int:
+    import time
+
     import torch
 
     from lowbit.config import SamplingParams
+    from lowbit.engine import Engine
     from lowbit.errors import LowbitError
-    from lowbit.generate import encode_prompt, generate
+    from lowbit.generate import GenerationStats, encode_prompt
     from lowbit.models.loader import load
 
     if len(args.args) > 2:
@@ -46,25 +49,46 @@ def run(args) -> int:
     chat = not args.raw and bool(getattr(tok, "chat_template", None))
     ids = encode_prompt(tok, prompt, chat=chat)
 
-    shown: list[int] = []
-    printed = ""
-
-    def stream(_row: int, token: int) -> None:
-        nonlocal printed
-        shown.append(token)
-        text = tok.decode(shown, skip_special_tokens=True)
-        # Print only whole characters: a partial UTF-8 sequence decodes to U+FFFD until completed.
-        if not text.endswith("\ufffd"):
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-
+    # One request through the serving engine; its paged KV cache takes kv_quant (--kv-cache) from the model.
+    block_size = 16
+    num_blocks = -(-(len(ids) + params.max_tokens) // block_size) + 1
+    engine = Engine(model, tok, num_blocks=num_blocks, block_size=block_size,
+                    max_batched_tokens=max(2048, len(ids)))
     model(torch.tensor([ids[:1]], device=model.device))  # warm-up: first-call setup is not prefill time
-    outs, stats = generate(model, tok, [ids], params, on_token=stream)
-    final = outs[0].text
-    if final.startswith(printed) and len(final) > len(printed):
-        sys.stdout.write(final[len(printed):])
+
+    def sync():
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+
+    shown: list[int] = []
+    printed, final = "", None
+    stats = GenerationStats(prompt_tokens=len(ids))
+    engine.add_request(ids, params)
+    t0 = time.perf_counter()
+    t_first = None
+    while engine.has_unfinished():
+        for out in engine.step():
+            shown.extend(out.new_token_ids)
+            text = tok.decode(shown, skip_special_tokens=True)
+            # Print only whole characters: a partial UTF-8 sequence decodes to U+FFFD until completed.
+            if not text.endswith("\ufffd") and out.finish_reason != "stop":
+                sys.stdout.write(text[len(printed):])
+                sys.stdout.flush()
+                printed = text
+            if out.finished:
+                final = out
+        if t_first is None:
+            sync()
+            t_first = time.perf_counter()
+        else:
+            stats.decode_steps += 1
+    sync()
+    stats.prefill_seconds = t_first - t0
+    stats.decode_seconds = time.perf_counter() - t_first
+    text = final.text
+    if text.startswith(printed) and len(text) > len(printed):
+        sys.stdout.write(text[len(printed):])
     print(flush=True)
-    print(f"[{stats.summary()} | finish: {outs[0].finish_reason} | load {model.load_seconds:.1f} s]",
+    print(f"[{stats.summary()} | finish: {final.finish_reason} | load {model.load_seconds:.1f} s]",
           file=sys.stderr)
     return 0

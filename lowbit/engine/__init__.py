@@ -1,7 +1,7 @@
 """Serving engine: paged KV cache (block manager, paged storage, reference paged attention), continuous-batching
-scheduler, model runner and the `Engine` / `LLM` API."""
+scheduler, model runner, the `Engine` / `LLM` API and speculative decoding (speculative.py)."""
 from lowbit.engine.block_manager import Append, BlockManager, MemoryStats, block_hash
-from lowbit.engine.llm import LLM, Engine, RequestOutput
+from lowbit.engine.llm import LLM, CompletionOutput, Engine, RequestOutput
 from lowbit.engine.paged_attention import paged_attention
 from lowbit.engine.paged_cache import (
     PagedBatchCache,
@@ -18,6 +18,7 @@ __all__ = [
     "Append",
     "Batch",
     "BlockManager",
+    "CompletionOutput",
     "Engine",
     "MemoryStats",
     "ModelRunner",

@@ -24,10 +24,24 @@ from lowbit.engine.scheduler import Scheduler
 from lowbit.engine.sequence import SeqStatus, Sequence
 from lowbit.errors import LowbitError
 from lowbit.generate import _stop_at
+from lowbit.sampling import sample
+
+
+@dataclass
+class CompletionOutput:
+    """One of a request's n completions (vLLM's name)."""
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    new_token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finished: bool = False
+    finish_reason: str | None = None
 
 
 @dataclass
 class RequestOutput:
+    """A request's state. `outputs` holds its n completions (SamplingParams.n); the top-level token_ids,
+    new_token_ids, text and finish_reason mirror outputs[0]; `finished` is True once all n are done."""
     request_id: int
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)        # all generated so far
@@ -40,6 +54,7 @@ class RequestOutput:
     first_token_time: float | None = None
     finish_time: float | None = None
     num_preemptions: int = 0
+    outputs: list[CompletionOutput] = field(default_factory=list)
 
     @property
     def ttft(self) -> float | None:
@@ -85,6 +100,7 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
         self._ids = itertools.count()
+        self._groups: dict[int, list[Sequence]] = {}   # unfinished request id -> its n sequences
         self.num_steps = 0
 
     # ------------------------------------------------------------------ requests
@@ -109,37 +125,56 @@ class Engine:
         if len(ids) + params.max_tokens > cfg.max_position_embeddings:
             raise LowbitError(f"add_request: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
                               f"exceeds the model's context of {cfg.max_position_embeddings}")
-        seq = Sequence(next(self._ids), ids, params, prompt=text)
+        rid = next(self._ids)
+        seq = Sequence(rid, ids, params, prompt=text)
         self.scheduler.add(seq)          # raises if the prompt alone needs more blocks than the pool
-        return seq.request_id
+        # n > 1: the other completions are forked off `seq` (sharing its prompt's blocks) once prefilled.
+        seq.children = [Sequence(rid, ids, params, prompt=text, index=i, arrival_time=seq.arrival_time)
+                        for i in range(1, params.n)]
+        self._groups[rid] = [seq, *seq.children]
+        return rid
 
     def abort(self, request_id: int) -> bool:
-        """Stop a request now and free its blocks; False if it is unknown or already finished."""
-        seq = self.scheduler.abort(request_id)
-        if seq is not None:
-            seq.finish_time = time.perf_counter()
-        return seq is not None
+        """Stop a request (all its completions) now and free its blocks; False if unknown or finished."""
+        seqs = self.scheduler.abort(request_id)
+        now = time.perf_counter()
+        for seq in seqs:
+            seq.finish_time = now
+        self._groups.pop(request_id, None)
+        return bool(seqs)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
 
     # ------------------------------------------------------------------ serving loop
     def step(self) -> list[RequestOutput]:
-        """Schedule, run one forward over the batch, sample, check stops. Returns the requests that got a
-        token or finished this step."""
+        """Schedule, run one forward over the batch, sample, check stops. Returns one output per request
+        that got a token or finished this step (with all its completions in `.outputs`)."""
         batch = self.scheduler.schedule()
-        tokens = self.runner.run(batch)
+        logits = self.runner.logits(batch) if batch.items else None
         self.scheduler.update(batch)
         self.num_steps += 1
         now = time.perf_counter()
-        outs = []
+        touched: dict[int, dict[int, list[int]]] = {}     # request id -> {completion index: new tokens}
         for seq in batch.finished:       # outgrew the whole KV pool
             seq.finish_time = now
-            outs.append(self._output(seq, []))
-        for it, tok in zip(batch.items, tokens):
-            if tok is None:
+            for c in seq.children:
+                c.finish_time = now
+            seq.children = []
+            touched.setdefault(seq.request_id, {})[seq.index] = []
+        sampled: list[tuple[Sequence, int]] = []
+        for i, it in enumerate(batch.items):
+            if not it.needs_sample:
                 continue
-            seq, new = it.seq, []
+            seq = it.seq
+            sampled.append((seq, self._sample(logits, i, seq)))
+            if seq.children and not seq.output_ids:   # prompt prefilled: fork the other n - 1 completions
+                for child in seq.children:
+                    self.scheduler.fork(seq, child)
+                    sampled.append((child, self._sample(logits, i, child)))
+                seq.children = []
+        for seq, tok in sampled:
+            new = []
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = None
@@ -156,26 +191,49 @@ class Engine:
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 seq.finish_time = now
-            outs.append(self._output(seq, new))
+            touched.setdefault(seq.request_id, {})[seq.index] = new
+        outs = []
+        for rid, news in touched.items():
+            group = self._groups.get(rid)
+            if group is None:
+                continue
+            out = self._output(group, news)
+            if out.finished:
+                del self._groups[rid]
+            outs.append(out)
         return outs
+
+    @staticmethod
+    def _sample(logits: torch.Tensor, i: int, seq: Sequence) -> int:
+        return int(sample(logits[i:i + 1], seq.params, seq.get_generator(logits.device))[0])
 
     def _decode(self, seq: Sequence) -> str:
         return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
 
-    def _output(self, seq: Sequence, new: list[int]) -> RequestOutput:
-        text = self._decode(seq)
-        if seq.finish_reason == "stop":
-            text = text[:_stop_at(text, seq.params.stop)]
-        return RequestOutput(seq.request_id, list(seq.prompt_ids), list(seq.output_ids), new, text,
-                             seq.status is SeqStatus.FINISHED, seq.finish_reason, seq.prompt,
-                             seq.arrival_time, seq.first_token_time, seq.finish_time, seq.num_preemptions)
+    def _output(self, group: list[Sequence], news: dict[int, list[int]]) -> RequestOutput:
+        comps = []
+        for seq in group:
+            text = self._decode(seq)
+            if seq.finish_reason == "stop":
+                text = text[:_stop_at(text, seq.params.stop)]
+            comps.append(CompletionOutput(seq.index, list(seq.output_ids), list(news.get(seq.index, [])), text,
+                                          seq.status is SeqStatus.FINISHED, seq.finish_reason))
+        first, c0 = group[0], comps[0]
+        firsts = [s.first_token_time for s in group if s.first_token_time is not None]
+        done = all(c.finished for c in comps)
+        return RequestOutput(first.request_id, list(first.prompt_ids), c0.token_ids, c0.new_token_ids, c0.text,
+                             done, c0.finish_reason, first.prompt, first.arrival_time,
+                             min(firsts) if firsts else None,
+                             max(s.finish_time or 0.0 for s in group) if done else None,
+                             sum(s.num_preemptions for s in group), comps)
 
 
 class LLM:
     """Offline batch generation through the engine: `LLM().generate(prompts, params)`.
 
     model_or_path: None (the default SmolLM2), a path for `lowbit.models.loader.load`, a model (pass
-    tokenizer=...) or a (model, tokenizer) pair. Other keywords go to `Engine`. n > 1 is not supported.
+    tokenizer=...) or a (model, tokenizer) pair. Other keywords go to `Engine`. A request with
+    SamplingParams(n=k) gives one RequestOutput whose `.outputs` holds its k completions.
     """
 
     def __init__(self, model_or_path=None, tokenizer=None, dtype: str = "fp32", device: str = "cpu",

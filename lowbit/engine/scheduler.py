@@ -90,31 +90,46 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Mark finished and give back its blocks (its computed full blocks stay in the prefix cache)."""
+        """Mark finished and give back its blocks (its computed full blocks stay in the prefix cache).
+        Completions of an n > 1 request not yet forked off it finish with it only on abort or when the
+        prompt outgrew the pool (they have no blocks of their own)."""
+        if reason in ("abort", "length") and seq.children and not seq.output_ids:
+            for c in seq.children:
+                c.status, c.finish_reason = SeqStatus.FINISHED, reason
         if seq in self.running:
             self.running.remove(seq)
-            self.bm.free(seq.request_id, keep_cached=True)  # every allocated token's KV is written by now
+            self.bm.free(seq.seq_id, keep_cached=True)  # every allocated token's KV is written by now
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
 
-    def abort(self, request_id) -> Sequence | None:
-        seq = self.get(request_id)
-        if seq is not None:
+    def abort(self, request_id) -> list[Sequence]:
+        """Finish every unfinished sequence of the request (all n completions); returns them."""
+        seqs = [s for s in (*self.running, *self.waiting) if s.request_id == request_id]
+        out = []
+        for seq in seqs:
+            out += [seq, *seq.children]
             self.finish(seq, "abort")
-        return seq
+            seq.children = []
+        return out
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """n > 1: after the parent's prompt prefill, the child shares its blocks and runs from there."""
+        self.bm.fork(parent.seq_id, child.seq_id)
+        child.num_computed, child.status = parent.num_computed, SeqStatus.RUNNING
+        self.running.append(child)
 
     # ------------------------------------------------------------------ scheduling
     def _blocks_needed(self, seq: Sequence, n: int) -> int:
         """Free blocks that extending a running sequence by n tokens takes (new blocks + a CoW copy)."""
-        bm, sid = self.bm, seq.request_id
+        bm, sid = self.bm, seq.seq_id
         cur, table = bm.num_tokens(sid), bm.block_table(sid)
         cow = cur % bm.block_size != 0 and bm.ref[table[-1]] > 1
         return bm.blocks_for(cur + n) - len(table) + int(cow)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.bm.free(seq.request_id, keep_cached=False)
+        self.bm.free(seq.seq_id, keep_cached=False)
         seq.status, seq.num_computed = SeqStatus.WAITING, 0
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -149,25 +164,27 @@ class Scheduler:
                 continue
             start = seq.num_computed
             for tok in seq.token_ids[start:start + n]:
-                app = self.bm.append_slot(seq.request_id, tok)
+                app = self.bm.append_slot(seq.seq_id, tok)
                 if app.copy is not None:
                     batch.copies.append(app.copy)
-            batch.items.append(ScheduledSeq(seq, start, n, list(self.bm.block_table(seq.request_id))))
+            batch.items.append(ScheduledSeq(seq, start, n, list(self.bm.block_table(seq.seq_id))))
             scheduled.add(id(seq))
             budget -= n
         # 2. admit waiting requests FIFO (not in a step that had to preempt: memory is tight).
         while self.waiting and not batch.preempted and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
+            if self.running and len(self.running) + 1 + len(seq.children) > self.max_num_seqs:
+                break                                 # its n completions will need n seats
             n = min(len(seq), budget)                 # a longer prompt is prefilled in chunks
             if not self.bm.can_allocate(n):
                 break                                 # FIFO: nobody overtakes the head of the queue
-            cached = self.bm.allocate(seq.request_id, seq.token_ids[:n])
+            cached = self.bm.allocate(seq.seq_id, seq.token_ids[:n])
             self.waiting.popleft()
             self.num_cached_tokens += cached
             seq.status, seq.num_computed = SeqStatus.RUNNING, cached
             self.running.append(seq)
             batch.items.append(ScheduledSeq(seq, cached, n - cached,
-                                            list(self.bm.block_table(seq.request_id))))
+                                            list(self.bm.block_table(seq.seq_id))))
             budget -= n - cached
         return batch
 

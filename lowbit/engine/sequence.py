@@ -43,14 +43,26 @@ class Sequence:
     finish_time: float | None = None
     order: int = field(default_factory=lambda: next(_arrival_counter))  # FIFO / preemption priority
     generator: torch.Generator | None = None
+    index: int = 0                       # which of the request's n completions this is
+    # n > 1: the other completions, not yet forked; forked off this one when its prompt's prefill ends
+    children: list[Sequence] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.prompt_ids = list(self.prompt_ids)
 
+    @property
+    def seq_id(self):
+        """Block-manager key: the request id for the first completion, (request_id, index) for the others."""
+        return self.request_id if self.index == 0 else (self.request_id, self.index)
+
     def get_generator(self, device: torch.device) -> torch.Generator | None:
-        """The request's own RNG (seeded from params.seed on first use, on the logits' device), or None."""
+        """The sequence's own RNG (seeded from params.seed on first use, on the logits' device), or None.
+        Completion i > 0 of an n > 1 request gets a seed derived from (seed, i), so the n differ."""
         if self.generator is None and self.params.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(self.params.seed)
+            seed = self.params.seed
+            if self.index:
+                seed = (seed * 0x9E3779B97F4A7C15 + self.index * 0xBF58476D1CE4E5B9) % (2 ** 63)
+            self.generator = torch.Generator(device=device).manual_seed(seed)
         return self.generator
 
     @property

@@ -1,6 +1,5 @@
 """Every bad input to the loaders gives a one-line LowbitError naming the file and the problem."""
 import json
-import shutil
 
 import gguf
 import numpy as np
