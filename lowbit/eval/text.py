@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 
 # `--dataset NAME` -> (datasets.load_dataset args, split, column); joined with "\n\n" as in the GPTQ code.
 DATASETS = {
@@ -37,8 +37,7 @@ def load_dataset_text(name: str) -> str:
     try:
         rows = datasets.load_dataset(*args, split=split)[col]
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LowbitError(f"--dataset {name}: cannot load it ({msg}); use --text FILE offline") from None
+        raise LowbitError(f"--dataset {name}: cannot load it ({first_line(e)}); use --text FILE offline") from None
     return "\n\n".join(rows)
 
 

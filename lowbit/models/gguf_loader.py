@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lowbit.config import ModelConfig
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 from lowbit.models.gguf_dequant import dequantize
 
 # GGUF tensor name (block index as {i}) -> Hugging Face name, per GGUF architecture.
@@ -53,8 +53,7 @@ def open_gguf(path: str | Path):
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # the reader fails in many ways on truncated/corrupt files
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LowbitError(f"{path}: truncated or corrupt GGUF file ({msg})") from None
+        raise LowbitError(f"{path}: truncated or corrupt GGUF file ({first_line(e)})") from None
 
 
 def _field(reader, key: str, default: Any = None) -> Any:
@@ -172,8 +171,7 @@ def gguf_tokenizer(reader, path: str | Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LowbitError(f"{path}: cannot build the embedded tokenizer ({msg})") from None
+        raise LowbitError(f"{path}: cannot build the embedded tokenizer ({first_line(e)})") from None
     try:  # best effort: a read-only home just means no cache
         cache_root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=cache_root, prefix=".tmp-"))

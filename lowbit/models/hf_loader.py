@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from lowbit.config import ModelConfig
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, first_line
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -47,8 +47,7 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
         try:
             sd.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise LowbitError(f"{f}: truncated or corrupt safetensors file ({msg})") from None
+            raise LowbitError(f"{f}: truncated or corrupt safetensors file ({first_line(e)})") from None
     return sd
 
 
@@ -60,5 +59,4 @@ def hf_tokenizer(path: Path):
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except Exception as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise LowbitError(f"{path}: cannot load the tokenizer ({msg})") from None
+        raise LowbitError(f"{path}: cannot load the tokenizer ({first_line(e)})") from None
