@@ -24,14 +24,7 @@ from lowbit.config import SamplingParams
 from lowbit.engine import Engine
 from lowbit.generate import generate
 
-SHAPES = {  # name -> ModelConfig fields
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
-                    num_heads=9, num_kv_heads=3, max_position_embeddings=8192, tie_word_embeddings=True),
-    "llama-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_layers=16,
-                     num_heads=32, num_kv_heads=8, max_position_embeddings=8192),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
-                      num_heads=32, num_kv_heads=8, max_position_embeddings=8192),
-}
+from lowbit.models.shapes import SHAPES, random_llama  # noqa: E402
 
 
 def build_model(args):
@@ -39,21 +32,9 @@ def build_model(args):
         from lowbit.models.loader import load
         model, _ = load(None, dtype="fp32", device="cpu")
         return model, "SmolLM2 (real weights, fp32)"
-    from lowbit.config import ModelConfig
-    from lowbit.models.llama import LlamaForCausalLM
     shape = args.shape or "smollm2"
-    cfg = ModelConfig(**SHAPES[shape])
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.normal_(0, 1 / math.sqrt(p.shape[-1]))      # scaled 1/sqrt(fan_in), never zeros
-            elif "norm" in name:
-                p.fill_(1.0)
-    model = model.to(dtype).eval()
+    model = random_llama(shape, dtype, args.device)
     return model, f"{shape} (random init, {str(dtype).split('.')[-1]})"
 
 

@@ -18,33 +18,13 @@ from pathlib import Path
 
 import torch
 
-from lowbit.config import ModelConfig
-
-SHAPES = {
-    "smollm2": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
-                    num_kv_heads=3, tie_word_embeddings=True, rope_theta=100000.0, max_position_embeddings=8192),
-    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
-                      num_kv_heads=8, rope_theta=500000.0, max_position_embeddings=8192),
-}
-
+from lowbit.models.shapes import SHAPES, random_llama
 
 def random_model(shape: str, blocks: int | None, dtype, device):
-    from lowbit.models.llama import LlamaForCausalLM
-
-    kw = dict(SHAPES[shape])
-    full_layers = kw["num_layers"]
-    if blocks:
-        kw["num_layers"] = blocks
-    cfg = ModelConfig(**kw, name=shape)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # random normal weights at the usual 1/sqrt(fan_in) scale, never zeros
-        for n, p in model.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0, p.shape[1] ** -0.5)
-    model.init_rope(device)
-    return model.to(dtype).eval(), full_layers
+    """The shape's model with only `blocks` decoder blocks (all when None); also the full block count."""
+    full_layers = SHAPES[shape]["num_layers"]
+    model = random_llama(shape, dtype, device, **({"num_layers": blocks} if blocks else {}))
+    return model, full_layers
 
 
 def main() -> None:

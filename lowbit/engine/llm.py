@@ -82,10 +82,22 @@ def _auto_num_blocks(model, block_size: int, fraction: float, max_num_seqs: int,
     return min(n, cap)
 
 
+class _LazyArgmax:
+    """Greedy tokens of a whole batch from ONE argmax and one device->host copy, made on first use."""
+
+    def __init__(self, logits):
+        self.logits, self.ids = logits, None
+
+    def __getitem__(self, i: int) -> int:
+        if self.ids is None:
+            self.ids = self.logits.argmax(-1).tolist()
+        return self.ids[i]
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
                  kv_memory_fraction: float = 0.5, max_num_seqs: int = 64, max_batched_tokens: int = 2048,
-                 kv_quant=None):
+                 kv_quant=None, decode_path: bool | None = None, cuda_graphs: bool | None = None):
         if not 0 < kv_memory_fraction <= 1:
             raise LowbitError(f"kv_memory_fraction: must be in (0, 1], got {kv_memory_fraction}")
         kv_quant = model.kv_quant if kv_quant is None else kv_quant
@@ -94,7 +106,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, block_size, kv_quant)
+        self.runner = ModelRunner(model, num_blocks, block_size, kv_quant, decode_path=decode_path,
+                                  cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
         eos = set(model.config.eos_ids)
         if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
@@ -163,15 +176,16 @@ class Engine:
             seq.children = []
             touched.setdefault(seq.request_id, {})[seq.index] = []
         sampled: list[tuple[Sequence, int]] = []
+        greedy = _LazyArgmax(logits)
         for i, it in enumerate(batch.items):
             if not it.needs_sample:
                 continue
             seq = it.seq
-            sampled.append((seq, self._sample(logits, i, seq)))
+            sampled.append((seq, self._sample(logits, i, seq, greedy)))
             if seq.children and not seq.output_ids:   # prompt prefilled: fork the other n - 1 completions
                 for child in seq.children:
                     self.scheduler.fork(seq, child)
-                    sampled.append((child, self._sample(logits, i, child)))
+                    sampled.append((child, self._sample(logits, i, child, greedy)))
                 seq.children = []
         for seq, tok in sampled:
             new = []
@@ -204,7 +218,9 @@ class Engine:
         return outs
 
     @staticmethod
-    def _sample(logits: torch.Tensor, i: int, seq: Sequence) -> int:
+    def _sample(logits: torch.Tensor, i: int, seq: Sequence, greedy: "_LazyArgmax") -> int:
+        if seq.params.greedy:
+            return greedy[i]
         return int(sample(logits[i:i + 1], seq.params, seq.get_generator(logits.device))[0])
 
     def _decode(self, seq: Sequence) -> str:

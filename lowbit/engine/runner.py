@@ -12,19 +12,52 @@ _UNSET = object()
 
 class ModelRunner:
     """Owns the PagedKVCache of `model`; `run(batch)` -> next token per scheduled sequence (None where the
-    sequence is mid-prefill and samples nothing this step)."""
+    sequence is mid-prefill and samples nothing this step).
 
-    def __init__(self, model, num_blocks: int, block_size: int = 16, kv_quant=_UNSET):
+    decode_path: pure-decode steps go through the paged decode-attention kernel (`DecodeRunner`), with
+    CUDA graphs when cuda_graphs; default: both on a CUDA model, neither elsewhere. Prefill and mixed
+    steps always take the gather + SDPA path.
+    """
+
+    def __init__(self, model, num_blocks: int, block_size: int = 16, kv_quant=_UNSET,
+                 decode_path: bool | None = None, cuda_graphs: bool | None = None, max_num_seqs: int = 64):
         self.model = model
         kv_quant = model.kv_quant if kv_quant is _UNSET else kv_quant
-        self.kv = PagedKVCache(model.config, num_blocks, block_size, model.dtype, model.device, kv_quant)
+        on_gpu = model.device.type == "cuda"
+        decode_path = on_gpu if decode_path is None else decode_path
+        cuda_graphs = on_gpu and decode_path if cuda_graphs is None else cuda_graphs
+        # One extra block beyond the block manager's: the scratch block of padded decode rows.
+        self.kv = PagedKVCache(model.config, num_blocks + int(decode_path), block_size, model.dtype,
+                               model.device, kv_quant)
+        self.decoder = None
+        if decode_path:
+            from lowbit.engine.cuda_graphs import DecodeRunner
+            self.decoder = DecodeRunner(model, self.kv, max_num_seqs, use_graphs=cuda_graphs)
 
     @torch.inference_mode()
     def logits(self, batch: Batch) -> torch.Tensor:
         """Last-token logits [B, V] of every scheduled sequence (float32)."""
         for src, dst in batch.copies:                        # copy-on-write before anything is written
             self.kv.copy_block(src, dst)
-        items, dev = batch.items, self.model.device
+        items = batch.items
+        if self.decoder is None:
+            return self._gather_logits(items)
+        # One-token items (decodes) go through the decode path, the rest (prefill chunks) through gather +
+        # SDPA: a step that admits one new request then costs one small extra forward, not a slow step.
+        one = [i for i, it in enumerate(items) if it.q_len == 1][:self.decoder.max_batch]
+        if len(one) == len(items):
+            return self.decoder.logits(items)
+        rest = sorted(set(range(len(items))) - set(one))
+        part = self._gather_logits([items[i] for i in rest])                    # [len(rest), V]
+        if not one:
+            return part
+        out = part.new_empty(len(items), part.shape[1])
+        out[rest] = part
+        out[one] = self.decoder.logits([items[i] for i in one])
+        return out
+
+    def _gather_logits(self, items) -> torch.Tensor:
+        dev = self.model.device
         T = max(it.q_len for it in items)
         ids = torch.tensor([it.new_token_ids + [0] * (T - it.q_len) for it in items], device=dev)  # [B, T]
         step = PagedBatchCache(self.kv, [it.block_table for it in items],

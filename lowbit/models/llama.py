@@ -45,6 +45,9 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)     # [B, Hkv, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if getattr(cache, "fused_attention", False):  # the engine's GPU decode: store + paged kernel
+            o = cache.attention(self.layer_idx, q, k, v)                       # [B, H, T, hd]
+            return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)                           # [B, Hkv, S, hd]
         elif self.kv_quant is not None:  # no cache (evaluation): see exactly what a quantized cache returns

@@ -5,8 +5,10 @@ accumulator cannot overflow while K < 2^17 (past that we accumulate in int64).
   CUDA  torch._int_mm (cuBLASLt int8 tensor cores). It requires M > 16 and K, N
         multiples of 8, so other shapes are zero-padded first (zero rows/columns add
         nothing to the sums, so the result is still exact) and sliced back.
-  CPU   integer torch.matmul on int32 (torch's CPU mm kernel supports integer dtypes;
-        checked bit-exact against int64 numpy in tests/quant/test_layers.py).
+  CPU   float32 BLAS over slices of K <= 1024: every partial sum is an integer of magnitude
+        <= 2^14 * 1024 = 2^24, which float32 holds exactly whatever the summation order, so
+        each slice is exact; slices are added in int32. 5x faster than torch's integer mm
+        (no BLAS for integers), which stays as the reference in tests/quant/test_layers.py.
   other float64 matmul: every partial sum is an integer below 2^53, so it is exact too.
 """
 
@@ -19,6 +21,7 @@ from lowbit.errors import LowbitError
 from lowbit.quant.primitives import QuantSpec, dequantize, fp8_dequantize, fp8_quantize, quantize, quantize_per_token
 
 INT32_SAFE_K = (1 << 31) // (1 << 14)  # K below this cannot overflow an int32 accumulator
+FP32_EXACT_K = (1 << 24) // (1 << 14)  # K slice whose float32 sums of int8 products are exact
 INT8_SYM = QuantSpec(bits=8, symmetric=True, group_size=-1)  # int8 weights per channel / activations per token
 FP8_FMT = "e4m3"
 
@@ -63,26 +66,39 @@ def int8_mm(a: torch.Tensor, b: torch.Tensor, backend: str = "auto") -> torch.Te
     """a [M, K] int8 @ b [N, K].T int8 -> int32 [M, N], exact (b in nn.Linear weight layout).
 
     (int64 for K >= 2^17, where int32 sums could overflow.)
-    backend: "auto" (CUDA -> _int_mm, else the integer fallback), "int_mm" or "fallback"
-    (tests use the last two to compare the paths on one device).
+    backend: "auto" (CUDA -> _int_mm, CPU -> exact float32 slices), "int_mm", "float" or "fallback"
+    (integer mm; tests compare the paths on one device).
     """
     _check_int8(a, b)
-    if backend not in ("auto", "int_mm", "fallback"):
-        raise LowbitError(f"backend must be 'auto', 'int_mm' or 'fallback', got {backend!r}")
+    if backend not in ("auto", "int_mm", "float", "fallback"):
+        raise LowbitError(f"backend must be 'auto', 'int_mm', 'float' or 'fallback', got {backend!r}")
     m, k = a.shape
     n = b.shape[0]
     use_int_mm = backend == "int_mm" or (backend == "auto" and a.is_cuda)
     if use_int_mm and k < INT32_SAFE_K:
-        pm, pk, pn = _pad_to(m, 1, least=17), _pad_to(k, 8), _pad_to(n, 8)
+        # cuBLASLt int8 also rejects some legal-looking shapes (e.g. K = 16 with M = 258): pad every
+        # dimension to a multiple of 32 (M at least 32); zero rows/columns keep the sums exact.
+        pm, pk, pn = _pad_to(m, 32, least=32), _pad_to(k, 32), _pad_to(n, 32)
         if pm or pk or pn:
             a = F.pad(a, (0, pk, 0, pm))  # [M', K']
             b = F.pad(b, (0, pk, 0, pn))  # [N', K']
         # b.t() is a column-major [K', N'] view: the layout cuBLASLt wants for mat2.
         return torch._int_mm(a, b.t())[:m, :n]
     acc = torch.int32 if k < INT32_SAFE_K else torch.int64  # int64 only where int32 could overflow
+    if backend == "float" or (backend == "auto" and a.device.type == "cpu"):
+        return _float_sliced_mm(a, b, acc)
     if a.device.type != "cpu":  # no integer mm there; float64 holds integer sums < 2^53 exactly
         return torch.matmul(a.double(), b.double().t()).to(acc)  # [M, N]
     return torch.matmul(a.to(acc), b.to(acc).t())  # [M, N]
+
+
+def _float_sliced_mm(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """Exact a [M, K] @ b [N, K].T through float32 matmuls over K slices of FP32_EXACT_K."""
+    out = None
+    for k0 in range(0, a.shape[1], FP32_EXACT_K):
+        part = (a[:, k0:k0 + FP32_EXACT_K].float() @ b[:, k0:k0 + FP32_EXACT_K].float().t()).to(acc)  # [M, N]
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def scaled_mm_supported(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -143,17 +143,19 @@ def test_from_quantized_rejects_bad_codes():
 
 def test_int8_mm_bit_exact():
     g = torch.Generator().manual_seed(2)
-    for m, k, n in [(1, 64, 8), (5, 300, 7), (33, 1024, 24)]:
+    for m, k, n in [(1, 64, 8), (5, 300, 7), (33, 1024, 24), (9, 2500, 5)]:
         a = torch.randint(-128, 128, (m, k), dtype=torch.int8, generator=g)
         b = torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=g)
         ref = a.numpy().astype(np.int64) @ b.numpy().astype(np.int64).T
-        out = int8_mm(a, b)
+        out = int8_mm(a, b)  # CPU default: exact float32 slices of K
         assert out.dtype == torch.int32 and np.array_equal(out.numpy(), ref)
+        assert np.array_equal(int8_mm(a, b, backend="fallback").numpy(), ref)  # integer mm
         assert np.array_equal(int8_mm(a, b, backend="int_mm").numpy(), ref)  # padding path, CPU _int_mm
     # Extremes: every product is (-128)^2 = 2^14, sums near the int32 limit stay exact.
     k = 8192
     a, b = torch.full((2, k), -128, dtype=torch.int8), torch.full((3, k), -128, dtype=torch.int8)
     assert int(int8_mm(a, b)[0, 0]) == k * 16384 == sum([16384] * k)
+    assert int(int8_mm(a, b, backend="fallback")[0, 0]) == k * 16384
 
 
 @pytest.mark.parametrize("static", [False, True])

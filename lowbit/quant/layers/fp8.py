@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lowbit.kernels import use_kernels
 from lowbit.quant.int8_matmul import (FP8_FMT, fp8_scaled_mm, quantize_act_fp8,
                                       scaled_mm_supported)
 from lowbit.quant.primitives import (fp8_dequantize, fp8_quantize)
@@ -42,6 +43,10 @@ class FP8Linear(_QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if use_kernels(x):
+            from lowbit.kernels import fp8_gemm  # imports triton: only once a CUDA input shows up
+            if fp8_gemm.supported(x):  # per-tensor activation scale, as below (see fp8_gemm's docstring)
+                return fp8_gemm.fp8_linear(x, self.qweight, self.w_scale, self.bias, self.act_scale)
         qx, sx = quantize_act_fp8(x.reshape(-1, self.in_features), self.act_scale)  # [M, in] fp8, [1, 1]
         if scaled_mm_supported(qx, self.qweight):
             y = fp8_scaled_mm(qx, sx, self.qweight, self.w_scale)  # [M, out] float32

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from lowbit.kernels import use_kernels
 from lowbit.quant.int8_matmul import (INT8_SYM, int8_mm, quantize_act_int8)
 from lowbit.quant.primitives import (quantize_groups)
 
@@ -49,6 +50,10 @@ class Int8Linear(_QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if use_kernels(x):
+            from lowbit.kernels import int8_gemm  # imports triton: only once a CUDA input shows up
+            if int8_gemm.supported(x, self.in_features):  # same bytes as below, in two fused kernels
+                return int8_gemm.int8_linear(x, self.qweight, self.w_scale, self.bias, self.act_scale)
         acc, sx = self.int_accumulate(x)  # [M, out]
         y = acc.float() * sx.float() * self.w_scale.reshape(1, -1)  # [M, out]: act_scale (x) w_scale
         return self._finish(y, x)

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import use_kernels
 from lowbit.quant.primitives import (dequantize, dequantize_groups, pack, packed_numel, unpack)
 
 
@@ -115,8 +116,23 @@ class WeightOnlyLinear(_QuantLinear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if use_kernels(x) and x.dtype in (torch.float16, torch.bfloat16):
+            packed = self.kernel_weight()
+            if packed is not None:
+                from lowbit.kernels.wq_gemm import wq_linear
+                return wq_linear(x, packed, self.bias)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), b)
+
+    def kernel_weight(self):
+        """The weight in the Triton kernel's layout (lowbit.kernels.wq_gemm.PackedWeight), built on first
+        use and rebuilt when the codes change (a load_state_dict, a .to()); None if the kernel cannot
+        take this layer (3-bit, irregular groups). Not a buffer: checkpoints keep the portable layout."""
+        key = (self.qweight.data_ptr(), self.scale.data_ptr(), self.qweight.device)
+        if getattr(self, "_packed_key", None) != key:
+            from lowbit.kernels.wq_gemm import repack
+            self._packed, self._packed_key = repack(self), key
+        return self._packed
 
     def _options(self):
         return {"spec": dataclasses.asdict(self.spec), "act_order": self.act_order}
