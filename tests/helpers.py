@@ -1,6 +1,7 @@
 """Helpers shared by the method tests (on the path through pytest's `pythonpath = tests`)."""
 from __future__ import annotations
 
+import functools
 import copy
 import math
 
@@ -44,3 +45,30 @@ def ppl_kl(logits, base, ids):
     lp, bp = F.log_softmax(logits[:, :-1], -1), F.log_softmax(base[:, :-1], -1)
     nll = -lp.gather(-1, ids[:, 1:, None]).mean()
     return math.exp(nll), (bp.exp() * (bp - lp)).sum(-1).mean().item()
+
+
+_PROBE = """
+import torch, triton, triton.language as tl
+@triton.jit
+def k(x, n):
+    for i in range(0, n):
+        tl.store(x + i, i)
+t = torch.zeros(3, dtype=torch.int32)
+k[(1,)](t, 3)
+assert t.tolist() == [0, 1, 2]
+"""
+
+
+@functools.cache
+def triton_interpreter_ok() -> bool:
+    """Whether Triton's CPU interpreter runs here (Triton installed, and a numpy it supports: Triton 3.6's
+    interpreter breaks on numpy >= 2.4). Kernel tests under the interpreter skip otherwise."""
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    if importlib.util.find_spec("triton") is None:
+        return False
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, timeout=120)
+    return r.returncode == 0
