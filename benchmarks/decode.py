@@ -20,6 +20,7 @@ import torch
 from ceilings import copy_bandwidth, machine, write_results
 from lowbit.config import SamplingParams
 from lowbit.engine import Engine
+from lowbit.engine.paged_cache import kv_bytes_per_token
 from lowbit.models.shapes import random_llama
 
 FORMATS = {  # name -> rtn options (None: bf16 as is)
@@ -31,24 +32,22 @@ FORMATS = {  # name -> rtn options (None: bf16 as is)
 
 def weight_bytes_per_token(model) -> int:
     """Bytes a decode step reads from weights: every Linear in the layout its kernel reads (the packed
-    copy for WkA16), norms, and one embedding row."""
+    copy for WkA16; all buffers where the reference path runs), norms, and one embedding row."""
+    from lowbit.models.llama import RMSNorm
     from lowbit.quant.layers import WeightOnlyLinear
     total = 0
     for mod in model.modules():
         if isinstance(mod, WeightOnlyLinear):
             pw = mod.kernel_weight()
-            total += pw.nbytes if pw is not None else mod.qweight.numel() + mod.scale.numel() * 4
-        elif isinstance(mod, torch.nn.Linear):
-            total += mod.weight.numel() * mod.weight.element_size()
-        elif "RMSNorm" in type(mod).__name__:
+            total += pw.nbytes if pw is not None else sum(b.numel() * b.element_size() for b in mod.buffers())
+        elif isinstance(mod, (torch.nn.Linear, RMSNorm)):
             total += mod.weight.numel() * mod.weight.element_size()
     emb = model.model.embed_tokens.weight
     return total + emb.shape[1] * emb.element_size()
 
 
 def kv_bytes(model, tokens: float) -> float:
-    cfg = model.config
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * model.dtype.itemsize * tokens
+    return kv_bytes_per_token(model.config, model.dtype) * tokens
 
 
 def run_lowbit(model, prompt, new_tokens):

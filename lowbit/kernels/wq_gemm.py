@@ -237,14 +237,12 @@ def wq_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = Non
     else:
         bk = _block_k(pw.group)
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
-        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
-        # Split-K partials: m-tiles x splits (<= 16) x [bm, n-tiles * BLOCK_N <= N + 128] in fp32.
-        ws = torch.empty(triton.cdiv(M, bm) * max(16, (config or {}).get("SPLIT", 1)) * bm * (N + 128),
-                         device=x.device, dtype=torch.float32)
-
-        def grid(meta):
-            return triton.cdiv(N, meta["BLOCK_N"]), meta["SPLIT"], triton.cdiv(M, bm)
         config = config or plan(M, N, pw.padded_in, bk)
+        grid = (triton.cdiv(N, config["BLOCK_N"]), config["SPLIT"], triton.cdiv(M, bm))
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
+        # Split-K partials, fp32: one [bm, BLOCK_N] tile per (m-tile, n-tile, split); none without a split.
+        ws = torch.empty(grid[0] * grid[2] * bm * config["BLOCK_N"] * config["SPLIT"] if config["SPLIT"] > 1 else 1,
+                         device=x.device, dtype=torch.float32)
         _wq_gemm_kernel[grid](x2, pw.qweight, pw.scale, pw.offset, y, ws, _locks(x.device), M, N, pw.padded_in,
                               pw.group, x2.stride(0), BITS=pw.bits, BLOCK_M=bm, BLOCK_K=bk, num_warps=4, num_stages=3,
                               **config)

@@ -2,9 +2,10 @@
 
 int8_mm is exact on every path: products are at most 128*128 = 2^14, so an int32
 accumulator cannot overflow while K < 2^17 (past that we accumulate in int64).
-  CUDA  torch._int_mm (cuBLASLt int8 tensor cores). It requires M > 16 and K, N
-        multiples of 8, so other shapes are zero-padded first (zero rows/columns add
-        nothing to the sums, so the result is still exact) and sliced back.
+  CUDA  torch._int_mm (cuBLASLt int8 tensor cores). It rejects M <= 16, K or N not
+        multiples of 8, and some other small shapes, so every dimension is zero-padded to a
+        multiple of 32 first (zero rows/columns add nothing to the sums, so the result is
+        still exact) and sliced back.
   CPU   float32 BLAS over slices of K <= 1024: every partial sum is an integer of magnitude
         <= 2^14 * 1024 = 2^24, which float32 holds exactly whatever the summation order, so
         each slice is exact; slices are added in int32. 5x faster than torch's integer mm
@@ -51,11 +52,6 @@ def _check_int8(a: torch.Tensor, b: torch.Tensor):
         raise LowbitError(f"int8_mm needs int8 operands, got {a.dtype} and {b.dtype}")
     if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
         raise LowbitError(f"int8_mm needs a [M, K] and b [N, K], got {tuple(a.shape)} and {tuple(b.shape)}")
-
-
-def int_mm_shape_ok(m: int, k: int, n: int) -> bool:
-    """Whether torch._int_mm on CUDA accepts [m, k] x [k, n] without padding."""
-    return m > 16 and k % 8 == 0 and n % 8 == 0 and k > 0 and n > 0
 
 
 def _pad_to(n: int, mult: int, least: int = 0) -> int:
