@@ -29,7 +29,8 @@ class PagedDecodeCache:
     pos = 0
 
     def __init__(self, kv: PagedKVCache, slots, block_tables, context_lens, num_splits: int | None = None):
-        self.kv, self.slots, self.block_tables, self.context_lens = kv, slots, block_tables, context_lens
+        self.kv, self.block_tables, self.context_lens = kv, block_tables, context_lens
+        self.slots = kv._slots(slots)          # (block, offset) once per step, not once per layer
         self.num_splits = num_splits
         self.scale = kv.cfg.head_dim ** -0.5
 

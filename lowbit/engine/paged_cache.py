@@ -14,6 +14,7 @@ import torch
 
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError
+from lowbit.kernels import use_kernels
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float16, kv_quant=None) -> int:
@@ -61,9 +62,15 @@ class PagedKVCache:
         s = torch.as_tensor(slots, dtype=torch.long, device=self.device)
         return s // self.block_size, s % self.block_size
 
-    def write(self, layer: int, slots: Sequence[int] | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Scatter k, v [N, n_kv, hd] into flat slots [N] (quantizing them if the cache is quantized)."""
-        blk, off = self._slots(slots)
+    def write(self, layer: int, slots, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Scatter k, v [N, n_kv, hd] into flat slots [N] (quantizing them if the cache is quantized).
+        slots: flat slot ids, or the (block, offset) pair `_slots` makes of them (computed once per step
+        by callers that write every layer)."""
+        blk, off = slots if isinstance(slots, tuple) else self._slots(slots)
+        if self.kv_quant is None and use_kernels(k) and k.dtype == self.dtype:
+            from lowbit.kernels.kv_write import kv_write
+            kv_write(self.k[layer], self.v[layer], blk, off, k, v)
+            return
         if self.kv_quant is None:
             # Advanced indices around a slice: pool[blk, :, off] is [N, n_kv, hd], matching k.
             self.k[layer][blk, :, off] = k.to(self.dtype)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from lowbit.eval.memory import PeakMemory, model_bytes
-from lowbit.eval.perplexity import window_stats
+from lowbit.eval.perplexity import Reference, window_stats
 
 
 @dataclass
@@ -73,9 +73,10 @@ def score(base, models: dict, windows: torch.Tensor, state: dict, save=None, bud
             break
         ids = windows[w: w + 1].to(base.device)                           # [1, S]
         base_logits = base(ids)[0, :-1]                                   # [S-1, V]
+        ref = Reference.of(base_logits, ids[0, 1:])
         for n in pending:
             logits = base_logits if n == "base" else models[n](ids.to(models[n].device))[0, :-1]
-            s = window_stats(logits, ids[0, 1:], base_logits)
+            s = window_stats(logits, ids[0, 1:], ref)
             r = results[n]
             r["windows"] += 1
             r["tokens"] += ids.shape[1] - 1

@@ -27,15 +27,32 @@ class EvalResult:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
-def window_stats(logits: torch.Tensor, targets: torch.Tensor, base_logits: torch.Tensor | None = None) -> dict:
-    """Sums over one window. logits [T, V] predict targets [T]; base_logits [T, V] for KL/top-1."""
+@dataclass
+class Reference:
+    """The base model's next-token distribution over one window, computed once and shared by every
+    model scored against it (log_softmax + exp of [T, V] costs as much as a fifth of a forward)."""
+    logp: torch.Tensor              # [T, V] log-probabilities
+    p: torch.Tensor                 # [T, V] probabilities
+    top1: torch.Tensor              # [T] argmax
+    nll: float                      # summed NLL of the targets
+
+    @classmethod
+    def of(cls, base_logits: torch.Tensor, targets: torch.Tensor) -> "Reference":
+        logp = F.log_softmax(base_logits.float(), dim=-1)                           # [T, V]
+        return cls(logp, logp.exp(), logp.argmax(-1), -logp.gather(-1, targets[:, None]).sum().item())
+
+
+def window_stats(logits: torch.Tensor, targets: torch.Tensor,
+                 base: torch.Tensor | Reference | None = None) -> dict:
+    """Sums over one window. logits [T, V] predict targets [T]; base (logits [T, V] or a Reference of
+    them) adds KL(base || model), top-1 agreement and the base's NLL."""
     logp = F.log_softmax(logits.float(), dim=-1)                                  # [T, V]
     out = {"nll": -logp.gather(-1, targets[:, None]).sum().item()}
-    if base_logits is not None:
-        base_logp = F.log_softmax(base_logits.float(), dim=-1)                    # [T, V]
-        out["base_nll"] = -base_logp.gather(-1, targets[:, None]).sum().item()
-        out["kl"] = (base_logp.exp() * (base_logp - logp)).sum().item()
-        out["top1"] = (logp.argmax(-1) == base_logp.argmax(-1)).sum().item()
+    if base is not None:
+        ref = base if isinstance(base, Reference) else Reference.of(base, targets)
+        out["base_nll"] = ref.nll
+        out["kl"] = (ref.p * (ref.logp - logp)).sum().item()
+        out["top1"] = (logp.argmax(-1) == ref.top1).sum().item()
     return out
 
 

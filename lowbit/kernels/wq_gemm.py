@@ -89,7 +89,7 @@ def repack(layer) -> PackedWeight | None:
         codes = codes[:, perm]
     Kp = G * group
     per = 32 // spec.bits
-    codes = F.pad(codes, (0, Kp - K))                                       # [N, Kp]: x pads with 0 too
+    codes = F.pad(codes, (0, Kp - K))                                       # [N, Kp]; kernels read x[K:] as 0
     words = codes.t().contiguous().reshape(Kp // per, per, N).long()        # [Kp/per, per, N]
     shifts = (torch.arange(per, device=codes.device) * spec.bits).reshape(1, per, 1)
     words = (words << shifts).sum(1)                                        # [Kp/per, N], disjoint bits
@@ -149,7 +149,7 @@ if HAS_TRITON:
         return codes.to(tl.float32) * s[None, :] + o[None, :]
 
     @triton.jit
-    def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, ws_ptr, lock_ptr, M, N, Kp, GROUP, stride_xm,
+    def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, Kp, GROUP, stride_xm,
                         BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                         SPLIT: tl.constexpr, UNPACK_3D: tl.constexpr):
         """out[m, n] = sum_k x[m, k] w[k, n]. With SPLIT > 1 the K tiles are shared by SPLIT programs; each
@@ -166,7 +166,8 @@ if HAS_TRITON:
         for t in range(pid_k * per_split, t_end):
             k0 = t * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=m_mask[:, None], other=0.0)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)   # x is not padded to Kp
             w = _dequant_tile(w_ptr, s_ptr, o_ptr, k0, offs_n, n_mask, N, GROUP, BITS, BLOCK_K, BLOCK_N, UNPACK_3D)
             acc += tl.dot(x, w.to(x.dtype))
         out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
@@ -184,6 +185,59 @@ if HAS_TRITON:
                     total += tl.load(ws_ptr + (tile * SPLIT + sp) * BLOCK_M * BLOCK_N + rows, cache_modifier=".cg")
                 tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
                 tl.atomic_xchg(lock_ptr + tile, 0)
+
+    @triton.jit
+    def _wq_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, ws_ptr, lock_ptr, N, K, Kp, GROUP,
+                        BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
+        """out[n] = sum_k x[k] w[k, n] for ONE row of x (batch-1 decode), without tensor cores.
+
+        tl.dot would pad M to 16 and push every dequantized tile through a shared-memory layout change;
+        here each word is split in registers and multiplied into a [BLOCK_K / PER, BLOCK_N] fp32
+        accumulator that is reduced once at the end. Codes become floats with the exponent trick
+        (code | 0x4B000000 is the float 2^23 + code), integer logic + one FSUB instead of the slow
+        int->float conversion. Group affine terms are applied per tile: sum_k x (c s + o) =
+        s * sum_k x c + o * sum_k x. Split-K as in _wq_gemm_kernel."""
+        PER: tl.constexpr = 32 // BITS
+        BKW: tl.constexpr = BLOCK_K // PER
+        pid_n, pid_k = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        offs_w = tl.arange(0, BKW)
+        k_tiles = Kp // BLOCK_K
+        per_split = tl.cdiv(k_tiles, SPLIT)
+        t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+        acc = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+        acc_o = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for t in range(pid_k * per_split, t_end):
+            words = tl.load(w_ptr + (t * BKW + offs_w)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
+                            other=0)                                         # [BKW, BN] int32
+            part = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
+            xsum = tl.zeros((BKW,), dtype=tl.float32)
+            for j in tl.static_range(PER):
+                c = ((words >> (j * BITS)) & ((1 << BITS) - 1)) | 0x4B000000
+                cf = c.to(tl.float32, bitcast=True) - 8388608.0               # exact code as float
+                kj = t * BLOCK_K + offs_w * PER + j                              # [BKW] rows i*PER + j
+                xj = tl.load(x_ptr + kj, mask=kj < K, other=0.0).to(tl.float32)
+                part += xj[:, None] * cf
+                xsum += xj
+            g = (t * BLOCK_K) // GROUP
+            s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            o = tl.load(o_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += part * s[None, :]
+            acc_o += tl.sum(xsum, axis=0) * o
+        y = tl.sum(acc, axis=0) + acc_o                                      # [BN]
+        if SPLIT == 1:
+            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+        else:
+            lanes = tl.arange(0, BLOCK_N)
+            tl.store(ws_ptr + (pid_n * SPLIT + pid_k) * BLOCK_N + lanes, y)
+            arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
+            if arrived == SPLIT - 1:
+                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+                for sp in range(0, SPLIT):
+                    total += tl.load(ws_ptr + (pid_n * SPLIT + sp) * BLOCK_N + lanes, cache_modifier=".cg")
+                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
+                tl.atomic_xchg(lock_ptr + pid_n, 0)
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, GROUP,
@@ -210,6 +264,16 @@ def plan(M: int, N: int, Kp: int, block_k: int) -> dict:
     return {"BLOCK_N": block_n, "SPLIT": split, "UNPACK_3D": True}
 
 
+def plan_gemv(N: int, Kp: int, block_k: int) -> dict:
+    """GEMV (M = 1) config, fitted to a sweep on the H100 (benchmarks/wq_sweep.py: BLOCK_N 64/128/256 x
+    split 1..32 x 2/4/8 warps on Llama-3-8B shapes): 64-wide tiles of 2 warps, K split until there
+    are >= 1024 programs (~8 per SM), at most 32 ways and at least one K tile per split."""
+    tiles, split = -(-N // 64), 1
+    while split < 32 and tiles * split < 1024 and Kp // block_k >= 2 * split:
+        split *= 2
+    return {"GEMV": True, "BLOCK_N": 64, "SPLIT": split, "num_warps": 2}
+
+
 def dequantize_weight(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     """The Triton dequantization: [Kp, N] in dtype (kernel column order, padded rows included)."""
     N, bk = pw.out_features, _block_k(pw.group)
@@ -223,17 +287,26 @@ def dequantize_weight(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
 def wq_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
               config: dict | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for x [..., K] (fp16/bf16) with W in the kernel layout; y in x's dtype.
-    config: {"BLOCK_N", "SPLIT", "UNPACK_3D"} instead of plan()'s (tests, sweeps)."""
+    config: {"BLOCK_N", "SPLIT", "UNPACK_3D"} instead of plan()'s, or {"GEMV": True, "BLOCK_N", "SPLIT",
+    "num_warps"} for M = 1 ({"GEMV": False, ...}: the tl.dot kernel at M = 1) (tests, sweeps)."""
     lead, K, N = x.shape[:-1], pw.in_features, pw.out_features
     x2 = x.reshape(-1, K)                                                   # [M, K]
     if pw.perm is not None:
         x2 = x2[:, pw.perm]                                                 # kernel column order
-    if pw.padded_in > K:
-        x2 = F.pad(x2, (0, pw.padded_in - K))                               # [M, Kp], zero columns
-    x2 = x2.contiguous()
+    x2 = x2.contiguous()      # [M, K]: the kernels mask the padded columns K..Kp instead of padding x
     M = x2.shape[0]
     if M > LARGE_M:
-        y = x2 @ dequantize_weight(pw, x.dtype)                            # [M, N] cuBLAS
+        y = x2 @ dequantize_weight(pw, x.dtype)[:K]                        # [M, N] cuBLAS
+    elif M == 1 and (config or {}).get("GEMV", True):
+        bk = _block_k(pw.group)
+        config = config or plan_gemv(N, pw.padded_in, bk)
+        grid = (triton.cdiv(N, config["BLOCK_N"]), config["SPLIT"])
+        y = torch.empty((1, N), device=x.device, dtype=x.dtype)
+        ws = torch.empty(grid[0] * config["BLOCK_N"] * config["SPLIT"] if config["SPLIT"] > 1 else 1,
+                         device=x.device, dtype=torch.float32)
+        _wq_gemv_kernel[grid](x2, pw.qweight, pw.scale, pw.offset, y, ws, _locks(x.device), N, K, pw.padded_in,
+                              pw.group, BITS=pw.bits, BLOCK_K=bk, BLOCK_N=config["BLOCK_N"], SPLIT=config["SPLIT"],
+                              num_warps=config.get("num_warps", 4))
     else:
         bk = _block_k(pw.group)
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
@@ -243,9 +316,9 @@ def wq_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = Non
         # Split-K partials, fp32: one [bm, BLOCK_N] tile per (m-tile, n-tile, split); none without a split.
         ws = torch.empty(grid[0] * grid[2] * bm * config["BLOCK_N"] * config["SPLIT"] if config["SPLIT"] > 1 else 1,
                          device=x.device, dtype=torch.float32)
-        _wq_gemm_kernel[grid](x2, pw.qweight, pw.scale, pw.offset, y, ws, _locks(x.device), M, N, pw.padded_in,
+        _wq_gemm_kernel[grid](x2, pw.qweight, pw.scale, pw.offset, y, ws, _locks(x.device), M, N, K, pw.padded_in,
                               pw.group, x2.stride(0), BITS=pw.bits, BLOCK_M=bm, BLOCK_K=bk, num_warps=4, num_stages=3,
-                              **config)
+                              **{k: v for k, v in config.items() if k != "GEMV"})
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, N)

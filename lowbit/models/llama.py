@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import ModelConfig
+from lowbit.kernels import use_kernels
 from lowbit.models.kv_cache import KVCache, QuantizedKVCache
 from lowbit.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -21,6 +22,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_kernels(x) and self.weight.dtype == x.dtype:
+            from lowbit.kernels.fused import rms_norm
+            return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as the reference does: bf16 sums of squares lose too much.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -74,7 +78,11 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g, u = self.gate_proj(x), self.up_proj(x)
+        if use_kernels(g):
+            from lowbit.kernels.fused import silu_mul
+            return self.down_proj(silu_mul(g, u))
+        return self.down_proj(F.silu(g) * u)
 
 
 class DecoderLayer(nn.Module):

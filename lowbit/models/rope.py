@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import use_kernels
 
 
 def _default(inv_freq: torch.Tensor, p: dict[str, Any], max_pos: int, theta: float) -> tuple[torch.Tensor, float]:
@@ -83,5 +84,8 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attn_scale: fl
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, hd] rotated by the angles in cos/sin [B, 1, T, hd]."""
+    if use_kernels(x):
+        from lowbit.kernels.fused import rope
+        return rope(x, cos, sin)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.eval.perplexity import evaluate, window_stats
+from lowbit.eval.perplexity import Reference, evaluate, window_stats
 from lowbit.eval.text import eval_windows, random_windows, read_text, tokenize_text
 
 
@@ -40,6 +40,7 @@ def test_window_stats_direct_formula():
     assert s["kl"] == pytest.approx(kl, rel=1e-5)
     assert s["nll"] == pytest.approx(F.cross_entropy(a.double(), t, reduction="sum").item(), rel=1e-6)
     assert s["top1"] == (a.argmax(-1) == b.argmax(-1)).sum().item()
+    assert window_stats(a, t, Reference.of(b, t)) == s                   # the shared reference path
 
 
 def test_windows_protocol(smollm2, wiki_test_path):

@@ -80,7 +80,8 @@ INTERP = textwrap.dedent("""
     for case in CASES:
         layer = make_layer(*case, dtype=torch.float32)
         pw = repack(layer)
-        for M, cfg in ((1, dict(BLOCK_N=32, SPLIT=1, UNPACK_3D=True)), (5, dict(BLOCK_N=16, SPLIT=2, UNPACK_3D=False)),
+        for M, cfg in ((1, dict(GEMV=False, BLOCK_N=32, SPLIT=1, UNPACK_3D=True)), (1, dict(BLOCK_N=16, SPLIT=3)),
+                       (1, None), (5, dict(BLOCK_N=16, SPLIT=2, UNPACK_3D=False)),
                        (17, dict(BLOCK_N=32, SPLIT=3, UNPACK_3D=True))):
             x = torch.randn(M, case[4])
             y, ref = wq_linear(x, pw, layer.bias, cfg), x @ dequantize_packed(pw).t() + layer.bias
