@@ -60,6 +60,26 @@ SETS: dict[str, dict[str, tuple[str, dict]]] = {
 }
 
 
+def same_config_rows(chosen: dict, state_path: str | None, seqlen: int, text: str) -> dict:
+    """{name: (results row, info)} for every chosen config scored under another name in state_path
+    (another set's run on the same text and seqlen): the same config gives the same numbers."""
+    import json
+    if not state_path or not Path(state_path).is_file():
+        return {}
+    other = json.loads(Path(state_path).read_text())
+    if other.get("seqlen") != seqlen or other.get("text") != text:
+        return {}
+    specs = {name: spec for s in SETS.values() for name, spec in s.items()}
+    found = {}
+    for name, spec in chosen.items():
+        for oname, row in other.get("results", {}).items():
+            if oname != "base" and specs.get(oname) == spec:
+                found[name] = (row, other.get("info", {}).get(oname, {}))
+    if "base" in other.get("results", {}):
+        found["base"] = (other["results"]["base"], {})
+    return found
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", default="core", choices=sorted(SETS))
@@ -74,6 +94,10 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=None, help="first K windows (default all)")
     ap.add_argument("--budget-minutes", type=float, default=None, help="stop scoring after this long; rerun resumes")
     ap.add_argument("--out", default=None, help="default benchmarks/results/quant_<set>")
+    ap.add_argument("--reuse", default=None, help="another set's state.json: rows of the same config are taken "
+                    "over instead of scored again (default for --set methods: the core set's)")
+    ap.add_argument("--no-cache-models", action="store_true",
+                    help="do not keep calibrated methods' checkpoints in OUT/models (they make a resume cheap)")
     args = ap.parse_args()
 
     from lowbit.eval import compare
@@ -99,8 +123,12 @@ def main() -> None:
                        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
             "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
     out = args.out or str(ROOT / "benchmarks" / "results" / f"quant_{args.set}")
+    reuse = args.reuse or (str(ROOT / "benchmarks" / "results" / "quant_core" / "state.json")
+                           if args.set == "methods" else None)
     state = compare.run(base, cands, windows, calib, out, f"Quantization on {meta['model']}", meta,
-                        budget_s=60 * args.budget_minutes if args.budget_minutes else None)
+                        budget_s=60 * args.budget_minutes if args.budget_minutes else None,
+                        seed=same_config_rows(chosen, reuse, args.seqlen, args.text),
+                        cache_models=not args.no_cache_models)
     print(compare.markdown(state, "results"))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +28,20 @@ class Candidate:
     kv_cache: str | None = None      # "int8" | "fp8": also quantize the KV cache
 
 
-def build(base, cand: Candidate, calib, device=None, progress: bool = False):
-    """A quantized deep copy of `base` and what it cost: (model, info)."""
+def build(base, cand: Candidate, calib, device=None, progress: bool = False, cache: str | Path | None = None):
+    """A quantized deep copy of `base` and what it cost: (model, info).
+
+    cache: a directory for calibrated methods' results: the first build is saved there as a lowbit
+    checkpoint (with its cost figures), later calls load it instead of calibrating again."""
     from lowbit.quant.api import quantize
     from lowbit.quant.registry import get_method
 
     method = get_method(cand.method, **cand.options)
+    cached = Path(cache) / re.sub(r"[^A-Za-z0-9._-]+", "_", cand.name) if cache and method.needs_calibration else None
+    if cached is not None and (cached / "build_info.json").is_file():
+        from lowbit.models.loader import load
+        model, _ = load(cached, dtype=base.dtype, device=str(base.device), tokenizer=False)
+        return model, json.loads((cached / "build_info.json").read_text())
     model = copy.deepcopy(base)
     t0 = time.perf_counter()
     with PeakMemory(device or str(base.device)) as pm:
@@ -43,11 +52,15 @@ def build(base, cand: Candidate, calib, device=None, progress: bool = False):
         model.set_kv_quant(KVQuant(cand.kv_cache))
     layers = res.report.layers
     n_weights = sum(r.fp16_bytes for r in layers) / 2
-    return model, {"method": method.describe(), "kv_cache": cand.kv_cache,
-                   "quantize_seconds": time.perf_counter() - t0,
-                   "peak_memory_bytes": pm.peak_bytes, "model_bytes": model_bytes(model),
-                   "bits_per_weight": 8 * sum(r.stored_bytes for r in layers) / max(n_weights, 1),
-                   "calibration": calib.describe() if (calib is not None and method.needs_calibration) else None}
+    info = {"method": method.describe(), "kv_cache": cand.kv_cache,
+            "quantize_seconds": time.perf_counter() - t0,
+            "peak_memory_bytes": pm.peak_bytes, "model_bytes": model_bytes(model),
+            "bits_per_weight": 8 * sum(r.stored_bytes for r in layers) / max(n_weights, 1),
+            "calibration": calib.describe() if (calib is not None and method.needs_calibration) else None}
+    if cached is not None:
+        res.save(model, None, cached, overwrite=True, kv_cache=cand.kv_cache)
+        save_json_atomic(cached / "build_info.json", info)
+    return model, info
 
 
 def _empty() -> dict:
@@ -161,10 +174,14 @@ def save_json_atomic(path: str | Path, obj) -> None:
 
 
 def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir: str | Path, title: str,
-        meta: dict, budget_s: float | None = None, device=None, progress: bool = True) -> dict:
+        meta: dict, budget_s: float | None = None, device=None, progress: bool = True,
+        seed: dict[str, tuple[dict, dict]] | None = None, cache_models: bool = False) -> dict:
     """Build every candidate, score all of them in one pass over `windows`, write JSON + markdown + PNG.
 
-    out_dir/state.json keeps the per-window sums: running again with the same windows resumes.
+    out_dir/state.json keeps the per-window sums: running again with the same windows resumes, and
+    candidates already scored on every window are not built again. seed: {name: (results row, info)}
+    taken over from another comparison on the same text and seqlen (the same config scored there).
+    cache_models: keep calibrated methods' checkpoints in out_dir/models (see build).
     """
     from tqdm.auto import tqdm
 
@@ -178,11 +195,16 @@ def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir
         raise LowbitError(f"{state_path}: made with other text/seqlen; remove it to start over")
     state.update(meta, **key, total_windows=int(windows.shape[0]), base_bytes=model_bytes(base))
     state.setdefault("info", {})
+    results = state.setdefault("results", {})
+    for name, (row, info) in (seed or {}).items():
+        if row["windows"] > results.get(name, {}).get("windows", 0):
+            results[name], state["info"][name] = dict(row), dict(info, reused=True)
     models = {}
-    bar = tqdm(candidates, desc="quantize", unit="config", disable=not progress)
+    todo = [c for c in candidates if results.get(c.name, {}).get("windows", 0) < windows.shape[0]]
+    bar = tqdm(todo, desc="quantize", unit="config", disable=not progress)
     for cand in bar:
         bar.set_postfix(config=cand.name)
-        models[cand.name], info = build(base, cand, calib, device)
+        models[cand.name], info = build(base, cand, calib, device, cache=out / "models" if cache_models else None)
         state["info"].setdefault(cand.name, info)  # keep the first run's cost figures when resuming
     score(base, models, windows, state, save=lambda s: save_json_atomic(state_path, s), budget_s=budget_s,
           progress=progress)
