@@ -108,21 +108,25 @@ class DecodeRunner:
     @torch.inference_mode()
     def logits(self, items) -> torch.Tensor:
         """items: ScheduledSeq with q_len == 1 -> last-token logits [len(items), V]."""
-        n, bs = len(items), self.kv.block_size
+        n, bs, scratch = len(items), self.kv.block_size, self.scratch
         size = next(s for s in self.sizes if s >= n) if self.graphs else n
-        ids, pos, slots, lens = [], [], [], []
-        table = torch.full((size, self.max_blocks), self.scratch, dtype=torch.int32)
-        for i, it in enumerate(items):
+        # Only the first W columns of the block tables are written: the kernel reads a row no further
+        # than its context, so the rest (stale or scratch) is never read. One flat list, one copy.
+        W = min(self.max_blocks, -(-max(len(it.block_table) for it in items) // 16) * 16)
+        ids, pos, slots, lens, table = [], [], [], [], []
+        for it in items:
             p = it.context_len - 1
             ids.append(it.new_token_ids[0]), pos.append(p), lens.append(it.context_len)
             slots.append(it.block_table[p // bs] * bs + p % bs)
-            table[i, :len(it.block_table)] = torch.tensor(it.block_table, dtype=torch.int32)
+            table += it.block_table
+            table += [scratch] * (W - len(it.block_table))
         pad = size - n   # padded rows: token 0 at position 0 in the scratch block
+        table += [scratch] * (W * pad)
         self.ids[:size, 0].copy_(torch.tensor(ids + [0] * pad), non_blocking=True)
         self.positions[:size, 0].copy_(torch.tensor(pos + [0] * pad), non_blocking=True)
-        self.slots[:size].copy_(torch.tensor(slots + [self.scratch * bs] * pad), non_blocking=True)
+        self.slots[:size].copy_(torch.tensor(slots + [scratch * bs] * pad), non_blocking=True)
         self.context_lens[:size].copy_(torch.tensor(lens + [1] * pad, dtype=torch.int32), non_blocking=True)
-        self.block_tables[:size].copy_(table, non_blocking=True)
+        self.block_tables[:size, :W].copy_(torch.tensor(table, dtype=torch.int32).view(size, W), non_blocking=True)
         if self.graphs:
             self.graphs[size].replay()
             return self.outputs[size][:n]

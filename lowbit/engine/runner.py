@@ -2,12 +2,17 @@
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lowbit.engine.paged_cache import PagedBatchCache, PagedKVCache
 from lowbit.engine.scheduler import Batch
 from lowbit.sampling import sample
 
 _UNSET = object()
+# Prefill attention backends. cuDNN's is left out: it builds an execution plan for every new (batch,
+# query, key) shape, and a prefill step's shape is new almost every step (host-side ms per step on the
+# H100, benchmarks/profile_engine.py); the others are fixed kernels.
+_PREFILL_SDPA = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 class ModelRunner:
@@ -64,8 +69,9 @@ class ModelRunner:
                                [it.context_len for it in items], [it.q_len for it in items])
         m = self.model
         x, cos, sin, mask = m.embed(ids, step.q_pos, step)
-        for layer in m.model.layers:
-            x = layer(x, cos, sin, step, mask)
+        with sdpa_kernel(_PREFILL_SDPA):
+            for layer in m.model.layers:
+                x = layer(x, cos, sin, step, mask)
         last = step.q_lens - 1                                                  # [B] right padding
         x = x[torch.arange(len(items), device=dev), last]                       # [B, d]
         return m.head(x).float()
