@@ -39,8 +39,12 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="model path (default: the default SmolLM2)")
+    ap.add_argument("--shape", default=None, help="random-initialised weights at a named shape (GPU speed runs; "
+                    "prompts are random token ids, so acceptance says little about a trained model)")
     ap.add_argument("--blocks", type=int, nargs="*", default=[4, 8], help="N for the first-N-blocks drafts")
-    ap.add_argument("--no-rtn", action="store_true", help="skip the RTN-quantized draft")
+    ap.add_argument("--no-rtn", action="store_true", help="skip the RTN-quantized drafts")
+    ap.add_argument("--rtn", nargs="*", default=["4:32:float", "4:128"],
+                    help="RTN drafts as BITS:GROUP[:float] (float: GGUF Q4_1's real-valued zero point)")
     ap.add_argument("--k", type=int, nargs="*", default=[4])
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=len(PROMPTS))
@@ -49,17 +53,29 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results")
     a = ap.parse_args()
 
-    path = Path(a.model) if a.model else default_model_path()
-    target, tok = load(path, dtype=a.dtype, device=a.device)
-    prompts = [encode_prompt(tok, p) for p in PROMPTS[:a.prompts]]
+    if a.shape:
+        import random
+
+        from lowbit.models.shapes import random_llama
+        path, tok = f"random {a.shape}", None
+        target = random_llama(a.shape, {"bf16": torch.bfloat16, "fp16": torch.float16}.get(a.dtype, torch.float32),
+                              a.device)
+        rng = random.Random(0)
+        prompts = [[rng.randrange(100, target.config.vocab_size) for _ in range(32)] for _ in PROMPTS[:a.prompts]]
+    else:
+        path = Path(a.model) if a.model else default_model_path()
+        target, tok = load(path, dtype=a.dtype, device=a.device)
+        prompts = [encode_prompt(tok, p) for p in PROMPTS[:a.prompts]]
     params = SamplingParams(temperature=0, max_tokens=a.max_tokens, ignore_eos=True)
 
     drafts = {f"first{n}blocks": cut(target, n) for n in a.blocks}
-    if not a.no_rtn:
-        from lowbit.quant.api import quantize
+    from lowbit.quant.api import quantize
+    for spec in ([] if a.no_rtn else a.rtn):
+        bits, group, *zp = spec.split(":")
         rtn = copy.deepcopy(target)
-        quantize(rtn, "rtn", None, bits=4, group_size=32, zero_point="float", progress=False)
-        drafts["rtn4_g32"] = rtn
+        quantize(rtn, "rtn", None, bits=int(bits), group_size=int(group), zero_point=(zp or ["int"])[0],
+                 progress=False)
+        drafts[f"rtn{bits}_g{group}" + ("_floatzero" if zp == ["float"] else "")] = rtn
 
     generate(target, tok, [prompts[0]], SamplingParams(temperature=0, max_tokens=4))       # warm-up
     base_tok = base_s = 0.0
