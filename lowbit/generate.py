@@ -15,6 +15,7 @@ import torch
 from lowbit.config import SamplingParams
 from lowbit.errors import LowbitError
 from lowbit.sampling import sample
+from lowbit.stopping import append_token, eos_ids, final_text
 
 
 @dataclass
@@ -54,12 +55,6 @@ def encode_prompt(tok, prompt: str, chat: bool = False) -> list[int]:
     return tok(prompt).input_ids
 
 
-def _stop_at(text: str, stops: list[str]) -> int:
-    """Index where the earliest stop string starts in `text`, or -1."""
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(hits) if hits else -1
-
-
 @torch.inference_mode()
 def generate(model, tok, prompts: list[list[int]], params: SamplingParams,
              on_token: Callable[[int, int], None] | None = None) -> tuple[list[GenerationOutput], GenerationStats]:
@@ -76,8 +71,8 @@ def generate(model, tok, prompts: list[list[int]], params: SamplingParams,
     ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=dev)          # [B, L]
     cache = model.new_cache(B, L + params.max_tokens, pad)
     gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None else None
-    eos = set() if params.ignore_eos else set(cfg.eos_ids) | ({tok.eos_token_id} if tok and
-                                                               tok.eos_token_id is not None else set())
+    eos = eos_ids(cfg, tok, params)
+    decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
     outs = [GenerationOutput(prompt_ids=list(p)) for p in prompts]
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
 
@@ -91,18 +86,9 @@ def generate(model, tok, prompts: list[list[int]], params: SamplingParams,
             if o.finish_reason is not None:
                 continue
             t = int(nxt[b])
-            if t in eos:
-                o.finish_reason = "eos"
-                continue
-            o.token_ids.append(t)
-            if on_token is not None:
+            o.finish_reason = append_token(o.token_ids, t, params, eos, decode)
+            if on_token is not None and o.finish_reason != "eos":
                 on_token(b, t)
-            if params.stop and tok is not None:
-                cut = _stop_at(tok.decode(o.token_ids, skip_special_tokens=True), params.stop)
-                if cut >= 0:
-                    o.finish_reason = "stop"
-            if o.finish_reason is None and len(o.token_ids) >= params.max_tokens:
-                o.finish_reason = "length"
         if all(o.finish_reason is not None for o in outs):
             break
         logits = model(nxt[:, None], cache=cache)[:, -1]
@@ -110,7 +96,5 @@ def generate(model, tok, prompts: list[list[int]], params: SamplingParams,
     stats.decode_seconds = time.perf_counter() - t1 if stats.decode_steps else 0.0
     for o in outs:
         if tok is not None:
-            o.text = tok.decode(o.token_ids, skip_special_tokens=True)
-            if o.finish_reason == "stop":
-                o.text = o.text[:_stop_at(o.text, params.stop)]
+            o.text = final_text(tok.decode(o.token_ids, skip_special_tokens=True), o.finish_reason, params)
     return outs, stats

@@ -23,8 +23,8 @@ from lowbit.engine.runner import ModelRunner
 from lowbit.engine.scheduler import Scheduler
 from lowbit.engine.sequence import SeqStatus, Sequence
 from lowbit.errors import LowbitError
-from lowbit.generate import _stop_at
 from lowbit.sampling import sample
+from lowbit.stopping import append_token, eos_ids, final_text
 
 
 @dataclass
@@ -108,10 +108,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, block_size, kv_quant, decode_path=decode_path,
                                   cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
-        eos = set(model.config.eos_ids)
-        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-            eos.add(tokenizer.eos_token_id)
-        self.eos_ids = eos
+        self.eos_ids = eos_ids(model.config, tokenizer, SamplingParams())
         self._ids = itertools.count()
         self._groups: dict[int, list[Sequence]] = {}   # unfinished request id -> its n sequences
         self.num_steps = 0
@@ -191,17 +188,10 @@ class Engine:
             new = []
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            reason = None
-            if tok in self.eos_ids and not seq.params.ignore_eos:
-                reason = "eos"
-            else:
-                seq.output_ids.append(tok)
+            eos = frozenset() if seq.params.ignore_eos else self.eos_ids
+            reason = append_token(seq.output_ids, tok, seq.params, eos, self._decode_ids)
+            if reason != "eos":
                 new.append(tok)
-                if (seq.params.stop and self.tokenizer is not None
-                        and _stop_at(self._decode(seq), seq.params.stop) >= 0):
-                    reason = "stop"
-                if reason is None and len(seq.output_ids) >= seq.params.max_tokens:
-                    reason = "length"
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 seq.finish_time = now
@@ -226,12 +216,16 @@ class Engine:
     def _decode(self, seq: Sequence) -> str:
         return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
 
+    @property
+    def _decode_ids(self):
+        """ids -> text for stop strings (None without a tokenizer: stop strings cannot match)."""
+        tok = self.tokenizer
+        return (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
+
     def _output(self, group: list[Sequence], news: dict[int, list[int]]) -> RequestOutput:
         comps = []
         for seq in group:
-            text = self._decode(seq)
-            if seq.finish_reason == "stop":
-                text = text[:_stop_at(text, seq.params.stop)]
+            text = final_text(self._decode(seq), seq.finish_reason, seq.params)
             comps.append(CompletionOutput(seq.index, list(seq.output_ids), list(news.get(seq.index, [])), text,
                                           seq.status is SeqStatus.FINISHED, seq.finish_reason))
         first, c0 = group[0], comps[0]

@@ -23,8 +23,9 @@ import torch
 
 from lowbit.config import SamplingParams
 from lowbit.errors import LowbitError
-from lowbit.generate import GenerationOutput, _stop_at
+from lowbit.generate import GenerationOutput
 from lowbit.sampling import filter_logits
+from lowbit.stopping import append_token, eos_ids, final_text
 
 
 @dataclass
@@ -122,8 +123,8 @@ def speculative_generate(target, draft, tok, prompt_ids: list[int], params: Samp
     max_len = L + params.max_tokens + k + 1
     t_cache, d_cache = target.new_cache(1, max_len), draft.new_cache(1, max_len)
     gen = torch.Generator(device=t_dev).manual_seed(params.seed) if params.seed is not None else None
-    eos = set() if params.ignore_eos else set(cfg.eos_ids) | ({tok.eos_token_id} if tok and
-                                                               tok.eos_token_id is not None else set())
+    eos = eos_ids(cfg, tok, params)
+    decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
     out = GenerationOutput(prompt_ids=list(prompt_ids))
     st = SpecStats(prompt_tokens=L)
 
@@ -179,22 +180,12 @@ def speculative_generate(target, draft, tok, prompt_ids: list[int], params: Samp
             draft_todo = draft_todo + [cur]
         # Commit drafts[:n_acc] + nxt, honouring EOS / stop strings / max_tokens token by token.
         for t in drafts[:n_acc] + [nxt]:
-            if t in eos:
-                out.finish_reason = "eos"
-                break
-            out.token_ids.append(t)
-            if params.stop and tok is not None:
-                if _stop_at(tok.decode(out.token_ids, skip_special_tokens=True), params.stop) >= 0:
-                    out.finish_reason = "stop"
-                    break
-            if len(out.token_ids) >= params.max_tokens:
-                out.finish_reason = "length"
+            out.finish_reason = append_token(out.token_ids, t, params, eos, decode)
+            if out.finish_reason is not None:
                 break
         cur = nxt
     st.decode_seconds = time.perf_counter() - t1
     st.new_tokens = len(out.token_ids)
     if tok is not None:
-        out.text = tok.decode(out.token_ids, skip_special_tokens=True)
-        if out.finish_reason == "stop":
-            out.text = out.text[:_stop_at(out.text, params.stop)]
+        out.text = final_text(tok.decode(out.token_ids, skip_special_tokens=True), out.finish_reason, params)
     return out, st
