@@ -60,6 +60,29 @@ SETS: dict[str, dict[str, tuple[str, dict]]] = {
 }
 
 
+NOTES = {  # appended to compare.md: what the table shows and why
+    "core": """
+## Reading the table
+
+- **The base is already 4-bit.** SmolLM2-135M-Instruct ships as GGUF Q4_1: every Linear weight is stored in
+  blocks of 32 as `w = d * q + m` (q in 0..15, fp16 scale d, fp16 real-valued minimum m), and the baseline
+  is those weights dequantized to fp32. So re-quantizing to 4 bits is cheap only on that exact grid.
+- **`rtn-w4-g32-asym-floatzero` equals the base.** Min-max asymmetric RTN over the same 32-wide groups with a
+  real-valued offset (`--zero-point float`, `real = scale * q + min`) finds each block's min and max on
+  Q4_1's own grid points, so it recovers d, m and every code: ΔPPL 0, KL 0, top-1 100% (the layer test
+  checks the weights bit for bit).
+- **`rtn-w4-g32-asym-intzero` cannot.** The GPTQ/AWQ convention `real = scale * (q - zero)` needs an integer
+  zero point so that 0.0 is exactly representable; Q4_1's minimum m is in general not an integer number
+  of steps below zero, so the integer grid is shifted against Q4_1's by a fraction of a step and most
+  weights round to a different level (up to half a step of error each), on every layer.
+- **Coarser groups and per-channel scales** re-round weights that sit on 32-wide grids onto 128-wide or
+  whole-row grids: W4 g128 costs tens of percent and W4 per-channel more; 3 bits per channel destroys the
+  model. Asymmetric beats symmetric at each width (the weights' ranges are not centred on zero). W8 per
+  channel stays within 1% of the base. W8A8 and FP8 lose a few percent, from the activations.
+""",
+}
+
+
 def same_config_rows(chosen: dict, state_path: str | None, seqlen: int, text: str) -> dict:
     """{name: (results row, info)} for every chosen config scored under another name in state_path
     (another set's run on the same text and seqlen): the same config gives the same numbers."""
@@ -129,6 +152,9 @@ def main() -> None:
                         budget_s=60 * args.budget_minutes if args.budget_minutes else None,
                         seed=same_config_rows(chosen, reuse, args.seqlen, args.text),
                         cache_models=not args.no_cache_models)
+    if args.set in NOTES:
+        (Path(out) / "compare.md").write_text(compare.markdown(state, f"Quantization on {meta['model']}") +
+                                              NOTES[args.set])
     print(compare.markdown(state, "results"))
 
 
