@@ -15,7 +15,7 @@ import torch
 from lowbit.config import SamplingParams
 from lowbit.errors import LowbitError
 from lowbit.sampling import sample
-from lowbit.stopping import append_token, eos_ids, final_text
+from lowbit.stopping import append_token, eos_ids, final_text, text_decoder
 
 
 @dataclass
@@ -72,7 +72,7 @@ def generate(model, tok, prompts: list[list[int]], params: SamplingParams,
     cache = model.new_cache(B, L + params.max_tokens, pad)
     gen = torch.Generator(device=dev).manual_seed(params.seed) if params.seed is not None else None
     eos = eos_ids(cfg, tok, params)
-    decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
+    decode = text_decoder(tok)
     outs = [GenerationOutput(prompt_ids=list(p)) for p in prompts]
     stats = GenerationStats(prompt_tokens=sum(len(p) for p in prompts), batch=B)
 
@@ -95,6 +95,6 @@ def generate(model, tok, prompts: list[list[int]], params: SamplingParams,
         stats.decode_steps = step + 1
     stats.decode_seconds = time.perf_counter() - t1 if stats.decode_steps else 0.0
     for o in outs:
-        if tok is not None:
-            o.text = final_text(tok.decode(o.token_ids, skip_special_tokens=True), o.finish_reason, params)
+        if decode is not None:
+            o.text = final_text(decode(o.token_ids), o.finish_reason, params)
     return outs, stats

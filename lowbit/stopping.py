@@ -17,6 +17,11 @@ def eos_ids(cfg, tok, params: SamplingParams) -> frozenset[int]:
     return frozenset(ids)
 
 
+def text_decoder(tok) -> Callable[[list[int]], str] | None:
+    """ids -> text as stop strings and outputs see it; None without a tokenizer (stop strings never match)."""
+    return (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
+
+
 def stop_at(text: str, stops: list[str]) -> int:
     """Index where the earliest stop string starts in `text`, or -1."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]

@@ -24,7 +24,7 @@ from lowbit.engine.scheduler import Scheduler
 from lowbit.engine.sequence import SeqStatus, Sequence
 from lowbit.errors import LowbitError
 from lowbit.sampling import sample
-from lowbit.stopping import append_token, eos_ids, final_text
+from lowbit.stopping import append_token, eos_ids, final_text, text_decoder
 
 
 @dataclass
@@ -108,7 +108,7 @@ class Engine:
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_batched_tokens)
         self.runner = ModelRunner(model, num_blocks, block_size, kv_quant, decode_path=decode_path,
                                   cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
-        self.eos_ids = eos_ids(model.config, tokenizer, SamplingParams())
+        self._text = text_decoder(tokenizer)
         self._ids = itertools.count()
         self._groups: dict[int, list[Sequence]] = {}   # unfinished request id -> its n sequences
         self.num_steps = 0
@@ -188,8 +188,8 @@ class Engine:
             new = []
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            eos = frozenset() if seq.params.ignore_eos else self.eos_ids
-            reason = append_token(seq.output_ids, tok, seq.params, eos, self._decode_ids)
+            eos = eos_ids(self.model.config, self.tokenizer, seq.params)
+            reason = append_token(seq.output_ids, tok, seq.params, eos, self._text)
             if reason != "eos":
                 new.append(tok)
             if reason is not None:
@@ -214,13 +214,7 @@ class Engine:
         return int(sample(logits[i:i + 1], seq.params, seq.get_generator(logits.device))[0])
 
     def _decode(self, seq: Sequence) -> str:
-        return self.tokenizer.decode(seq.output_ids, skip_special_tokens=True) if self.tokenizer else ""
-
-    @property
-    def _decode_ids(self):
-        """ids -> text for stop strings (None without a tokenizer: stop strings cannot match)."""
-        tok = self.tokenizer
-        return (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
+        return self._text(seq.output_ids) if self._text is not None else ""
 
     def _output(self, group: list[Sequence], news: dict[int, list[int]]) -> RequestOutput:
         comps = []

@@ -25,7 +25,7 @@ from lowbit.config import SamplingParams
 from lowbit.errors import LowbitError
 from lowbit.generate import GenerationOutput
 from lowbit.sampling import filter_logits
-from lowbit.stopping import append_token, eos_ids, final_text
+from lowbit.stopping import append_token, eos_ids, final_text, text_decoder
 
 
 @dataclass
@@ -124,7 +124,7 @@ def speculative_generate(target, draft, tok, prompt_ids: list[int], params: Samp
     t_cache, d_cache = target.new_cache(1, max_len), draft.new_cache(1, max_len)
     gen = torch.Generator(device=t_dev).manual_seed(params.seed) if params.seed is not None else None
     eos = eos_ids(cfg, tok, params)
-    decode = (lambda ids: tok.decode(ids, skip_special_tokens=True)) if tok is not None else None
+    decode = text_decoder(tok)
     out = GenerationOutput(prompt_ids=list(prompt_ids))
     st = SpecStats(prompt_tokens=L)
 
@@ -186,6 +186,6 @@ def speculative_generate(target, draft, tok, prompt_ids: list[int], params: Samp
         cur = nxt
     st.decode_seconds = time.perf_counter() - t1
     st.new_tokens = len(out.token_ids)
-    if tok is not None:
-        out.text = final_text(tok.decode(out.token_ids, skip_special_tokens=True), out.finish_reason, params)
+    if decode is not None:
+        out.text = final_text(decode(out.token_ids), out.finish_reason, params)
     return out, st
