@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from ceilings import copy_bandwidth, cuda_time, machine, write_results
-from lowbit.kernels.wq_gemm import _block_k, plan, plan_gemv, repack, wq_linear
+from lowbit.kernels.wq_gemm import _block_k, _k_range, plan, plan_gemv, repack, wq_linear
 from lowbit.quant.layers import WeightOnlyLinear
 from lowbit.quant.primitives import QuantSpec
 
@@ -41,10 +41,9 @@ def _loads_only_kernel(x_ptr, w_ptr, out_ptr, N, Kp, BLOCK_K: tl.constexpr, BLOC
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
     offs_w = tl.arange(0, BKW)
-    k_tiles = Kp // BLOCK_K
-    per_split = tl.cdiv(k_tiles, SPLIT)
+    t_start, t_end = _k_range(pid_k, Kp, BLOCK_K, SPLIT)
     acc = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
-    for t in range(pid_k * per_split, tl.minimum(pid_k * per_split + per_split, k_tiles)):
+    for t in range(t_start, t_end):
         words = tl.load(w_ptr + (t * BKW + offs_w)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
         xj = tl.load(x_ptr + t * BLOCK_K + offs_w * 8).to(tl.float32)
         acc += xj[:, None] * words.to(tl.float32)

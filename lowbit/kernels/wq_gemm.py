@@ -149,42 +149,54 @@ if HAS_TRITON:
         return codes.to(tl.float32) * s[None, :] + o[None, :]
 
     @triton.jit
+    def _k_range(pid_k, Kp, BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        """K tiles [start, end) of split pid_k: the Kp / BLOCK_K tiles dealt out in SPLIT contiguous runs."""
+        k_tiles = Kp // BLOCK_K
+        per_split = tl.cdiv(k_tiles, SPLIT)
+        start = pid_k * per_split
+        return start, tl.minimum(start + per_split, k_tiles)
+
+    @triton.jit
+    def _store_split_k(acc, out_ptrs, mask, ws_ptr, lock_ptr, tile, pid_k, lanes, SPLIT: tl.constexpr,
+                       TILE: tl.constexpr):
+        """Write a program's fp32 result `acc` to out_ptrs. With SPLIT > 1 it is one of SPLIT partials of
+        output tile `tile` (TILE values, `lanes` their flat index): each is stored to the workspace, and
+        the last program to arrive at the tile's counter adds them up in split order (results do not
+        depend on timing), writes the output and resets the counter for the next call."""
+        if SPLIT == 1:
+            tl.store(out_ptrs, acc.to(out_ptrs.dtype.element_ty), mask=mask)
+        else:
+            tl.store(ws_ptr + (tile * SPLIT + pid_k) * TILE + lanes, acc)
+            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")   # releases the partial above
+            if arrived == SPLIT - 1:                                        # the last one reduces
+                total = tl.zeros_like(acc)
+                for sp in range(0, SPLIT):
+                    total += tl.load(ws_ptr + (tile * SPLIT + sp) * TILE + lanes, cache_modifier=".cg")
+                tl.store(out_ptrs, total.to(out_ptrs.dtype.element_ty), mask=mask)
+                tl.atomic_xchg(lock_ptr + tile, 0)
+
+    @triton.jit
     def _wq_gemm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, ws_ptr, lock_ptr, M, N, K, Kp, GROUP, stride_xm,
                         BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                         SPLIT: tl.constexpr, UNPACK_3D: tl.constexpr):
-        """out[m, n] = sum_k x[m, k] w[k, n]. With SPLIT > 1 the K tiles are shared by SPLIT programs; each
-        stores its fp32 partial, and the last to arrive at the tile's counter adds them up and writes the
-        output (no extra reduction kernel, counters reset for the next call)."""
+        """out[m, n] = sum_k x[m, k] w[k, n]. With SPLIT > 1 the K tiles are shared by SPLIT programs whose
+        partials `_store_split_k` adds up (no extra reduction kernel)."""
         pid_n, pid_k, pid_m = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         m_mask, n_mask = offs_m < M, offs_n < N
-        k_tiles = Kp // BLOCK_K
-        per_split = tl.cdiv(k_tiles, SPLIT)
-        t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+        t_start, t_end = _k_range(pid_k, Kp, BLOCK_K, SPLIT)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for t in range(pid_k * per_split, t_end):
+        for t in range(t_start, t_end):
             k0 = t * BLOCK_K
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)   # x is not padded to Kp
             w = _dequant_tile(w_ptr, s_ptr, o_ptr, k0, offs_n, n_mask, N, GROUP, BITS, BLOCK_K, BLOCK_N, UNPACK_3D)
             acc += tl.dot(x, w.to(x.dtype))
-        out = out_ptr + offs_m[:, None] * N + offs_n[None, :]
-        mask = m_mask[:, None] & n_mask[None, :]
-        if SPLIT == 1:
-            tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
-        else:
-            tile = pid_m * tl.num_programs(0) + pid_n
-            rows = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-            tl.store(ws_ptr + (tile * SPLIT + pid_k) * BLOCK_M * BLOCK_N + rows, acc)
-            arrived = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel")   # releases the partial above
-            if arrived == SPLIT - 1:                                        # the last one reduces
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for sp in range(0, SPLIT):
-                    total += tl.load(ws_ptr + (tile * SPLIT + sp) * BLOCK_M * BLOCK_N + rows, cache_modifier=".cg")
-                tl.store(out, total.to(out_ptr.dtype.element_ty), mask=mask)
-                tl.atomic_xchg(lock_ptr + tile, 0)
+        lanes = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+        _store_split_k(acc, out_ptr + offs_m[:, None] * N + offs_n[None, :], m_mask[:, None] & n_mask[None, :],
+                       ws_ptr, lock_ptr, pid_m * tl.num_programs(0) + pid_n, pid_k, lanes, SPLIT, BLOCK_M * BLOCK_N)
 
     @triton.jit
     def _wq_gemv_kernel(x_ptr, w_ptr, s_ptr, o_ptr, out_ptr, ws_ptr, lock_ptr, N, K, Kp, GROUP,
@@ -203,12 +215,10 @@ if HAS_TRITON:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < N
         offs_w = tl.arange(0, BKW)
-        k_tiles = Kp // BLOCK_K
-        per_split = tl.cdiv(k_tiles, SPLIT)
-        t_end = tl.minimum(pid_k * per_split + per_split, k_tiles)
+        t_start, t_end = _k_range(pid_k, Kp, BLOCK_K, SPLIT)
         acc = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
         acc_o = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for t in range(pid_k * per_split, t_end):
+        for t in range(t_start, t_end):
             words = tl.load(w_ptr + (t * BKW + offs_w)[:, None] * N + offs_n[None, :], mask=n_mask[None, :],
                             other=0)                                         # [BKW, BN] int32
             part = tl.zeros((BKW, BLOCK_N), dtype=tl.float32)
@@ -226,18 +236,8 @@ if HAS_TRITON:
             acc += part * s[None, :]
             acc_o += tl.sum(xsum, axis=0) * o
         y = tl.sum(acc, axis=0) + acc_o                                      # [BN]
-        if SPLIT == 1:
-            tl.store(out_ptr + offs_n, y.to(out_ptr.dtype.element_ty), mask=n_mask)
-        else:
-            lanes = tl.arange(0, BLOCK_N)
-            tl.store(ws_ptr + (pid_n * SPLIT + pid_k) * BLOCK_N + lanes, y)
-            arrived = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel")
-            if arrived == SPLIT - 1:
-                total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-                for sp in range(0, SPLIT):
-                    total += tl.load(ws_ptr + (pid_n * SPLIT + sp) * BLOCK_N + lanes, cache_modifier=".cg")
-                tl.store(out_ptr + offs_n, total.to(out_ptr.dtype.element_ty), mask=n_mask)
-                tl.atomic_xchg(lock_ptr + pid_n, 0)
+        _store_split_k(y, out_ptr + offs_n, n_mask, ws_ptr, lock_ptr, pid_n, pid_k, tl.arange(0, BLOCK_N),
+                       SPLIT, BLOCK_N)
 
     @triton.jit
     def _dequant_kernel(w_ptr, s_ptr, o_ptr, out_ptr, N, GROUP,
