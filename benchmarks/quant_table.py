@@ -89,7 +89,10 @@ def same_config_rows(chosen: dict, state_path: str | None, seqlen: int, text: st
     import json
     if not state_path or not Path(state_path).is_file():
         return {}
-    other = json.loads(Path(state_path).read_text())
+    try:
+        other = json.loads(Path(state_path).read_text())
+    except json.JSONDecodeError as e:
+        sys.exit(f"error: --reuse {state_path}: not valid JSON ({e.msg} at line {e.lineno})")
     if other.get("seqlen") != seqlen or other.get("text") != text:
         return {}
     specs = {name: spec for s in SETS.values() for name, spec in s.items()}
@@ -146,6 +149,8 @@ def main() -> None:
                        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
             "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
     out = args.out or str(ROOT / "benchmarks" / "results" / f"quant_{args.set}")
+    if args.reuse and not Path(args.reuse).is_file():
+        sys.exit(f"error: --reuse {args.reuse}: no such file (another set's state.json)")
     reuse = args.reuse or (str(ROOT / "benchmarks" / "results" / "quant_core" / "state.json")
                            if args.set == "methods" else None)
     state = compare.run(base, cands, windows, calib, out, f"Quantization on {meta['model']}", meta,

@@ -71,7 +71,9 @@ def main() -> None:
     drafts = {f"first{n}blocks": cut(target, n) for n in a.blocks}
     from lowbit.quant.api import quantize
     for spec in ([] if a.no_rtn else a.rtn):
-        bits, group, *zp = spec.split(":")
+        bits, group, *zp = spec.split(":") + ([] if spec.count(":") else [""])
+        if not (bits.isdigit() and group.lstrip("-").isdigit() and zp in ([], ["float"], ["int"])):
+            sys.exit(f"error: --rtn {spec!r}: expected BITS:GROUP[:float|int], e.g. 4:128 or 4:32:float")
         rtn = copy.deepcopy(target)
         quantize(rtn, "rtn", None, bits=int(bits), group_size=int(group), zero_point=(zp or ["int"])[0],
                  progress=False)
