@@ -6,13 +6,14 @@ matmul rate:    a large bf16 matmul (cuBLAS), 2*M*N*K / time.
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from lowbit.atomic import write_json_atomic, write_text_atomic
 
 
 def cuda_time(fn, iters: int = 20, warmup: int = 3, graph: bool = True) -> float:
@@ -60,7 +61,6 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
     t = cuda_time(lambda: dst.copy_(src), iters=10, graph=False)
-    del src, dst
     return 2 * nbytes / t
 
 
@@ -91,13 +91,9 @@ def machine() -> dict:
 
 
 def write_results(out: Path, payload: dict, markdown: str) -> None:
-    """Write out.json and out.md atomically (temporary file, then rename)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for suffix, text in ((".json", json.dumps(payload, indent=2)), (".md", markdown)):
-        path = out.with_suffix(suffix)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
+    """Write out.json and out.md atomically."""
+    write_json_atomic(out.with_suffix(".json"), payload)
+    write_text_atomic(out.with_suffix(".md"), markdown)
 
 
 def git_rev() -> str | None:

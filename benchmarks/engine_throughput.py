@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import random
 import shlex
@@ -19,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.atomic import write_json_atomic, write_text_atomic
 from lowbit.config import SamplingParams
 from lowbit.engine import Engine
 from lowbit.generate import generate
@@ -154,7 +154,7 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"engine_throughput_{dev.type}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    write_json_atomic(stem.with_suffix(".json"), result)
     md = ["# Engine throughput\n", f"- device: {devname}", f"- model: {desc}", f"- date: {result['date']}",
           f"- command: `{cmd}`", f"- prompts {args.prompt_min}-{args.prompt_max} tokens, outputs "
           f"{args.new_min}-{args.new_max} tokens (seeded), greedy, block size {args.block_size}\n",
@@ -172,7 +172,7 @@ def main(argv=None):
            "Contiguous = `lowbit.generate.generate` on the same requests as one padded batch (it runs "
            "max(output length) steps; only each request's own tokens are counted). Max-len reservation waste "
            "= 1 - sum(prompt+output) / (requests x longest prompt+output)."]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_text_atomic(stem.with_suffix(".md"), "\n".join(md) + "\n")
     print(f"wrote {stem}.json / .md")
 
 

@@ -14,10 +14,10 @@ import datetime
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 
+from lowbit.atomic import write_json_atomic
 from lowbit.models.shapes import SHAPES, random_llama
 
 def random_model(shape: str, blocks: int | None, dtype, device):
@@ -74,7 +74,7 @@ def main() -> None:
     }
     print(json.dumps(out, indent=2))
     if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2))
+        write_json_atomic(args.out, out)
 
 
 if __name__ == "__main__":

@@ -11,11 +11,11 @@ import argparse
 import cProfile
 import io
 import pstats
-from pathlib import Path
 
 import torch
 
 from engine_throughput import make_requests, run_engine
+from lowbit.atomic import write_text_atomic
 from lowbit.models.shapes import random_llama
 
 
@@ -62,7 +62,7 @@ def main(argv=None) -> None:
     text = buf.getvalue()
     print(text[-9000:])
     if args.out:
-        Path(args.out).write_text(text)
+        write_text_atomic(args.out, text)
 
 
 if __name__ == "__main__":

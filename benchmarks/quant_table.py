@@ -50,8 +50,6 @@ SETS: dict[str, dict[str, tuple[str, dict]]] = {
         "llm-int8": ("llm-int8", dict()),
         "w8a8-dynamic": ("w8a8", dict()),
         "smoothquant-dynamic": ("smoothquant", dict()),
-        "w8a8-static": ("w8a8", dict(act_scheme="static")),
-        "smoothquant-static": ("smoothquant", dict(act_scheme="static")),
         "zeroquant-w4-g128-a8": ("zeroquant", dict(bits=4, group_size=128)),
         "zeroquant-w4-g128-a8-lkd": ("zeroquant", dict(bits=4, group_size=128, lkd_steps=200)),
         "kv-int8": ("noop", dict(), "int8"),
@@ -79,6 +77,33 @@ NOTES = {  # appended to compare.md: what the table shows and why
   whole-row grids: W4 g128 costs tens of percent and W4 per-channel more; 3 bits per channel destroys the
   model. Asymmetric beats symmetric at each width (the weights' ranges are not centred on zero). W8 per
   channel stays within 1% of the base. W8A8 and FP8 lose a few percent, from the activations.
+""",
+    "methods": """
+## Reading the table
+
+- **Same windows, same base.** Every row is scored against the base on the same WikiText-2 test windows; rows
+  marked reused in compare.json (`info.<row>.reused`) are the core table's (`quant_core/state.json`): the same
+  config on the same windows gives the same numbers. Calibration: 128 windows × 2048 tokens of WikiText-2
+  *valid*, seed 0 (GPTQ, AWQ, SmoothQuant, ZeroQuant+LKD); RTN, LLM.int8(), ZeroQuant without LKD and the KV
+  rows use none. `quantize s` and `peak MB` are the method's wall time and peak memory (RSS growth on CPU)
+  on this machine, calibration included.
+- **The base is already 4-bit** (GGUF Q4_1: blocks of 32, fp16 scale and real-valued minimum; see the core
+  table). Every 4- and 3-bit method here moves weights that sit on a 32-wide grid onto a coarser one, a
+  harder start than a float checkpoint's: RTN 4-bit per channel loses +81% here, +35% for OPT-125M in the
+  GPTQ paper.
+- **GPTQ** is the reference algorithm (lowbit.quant.gptq_core): H = 2XXᵀ, 1% dampening, Cholesky of H⁻¹,
+  blocks of 128 columns, asymmetric min-max grid, natural column order, true-sequential (q/k/v, o,
+  gate/up, down), each block fed the outputs of the already-quantized blocks.
+- **LLM.int8()** here needs no calibration: outlier input dims (|x| ≥ 6 in the current input) are multiplied
+  in float by the int8-dequantized weight columns, as bitsandbytes' inference mode (`has_fp16_weights=False`)
+  does; with calibration data `lowbit quantize --method llm-int8` also keeps the original float columns of
+  the dims it saw and reports the outlier fraction per layer.
+- **ZeroQuant** rows (marked *) are simulated: weights held dequantized on the int4 g128 grid, activations
+  quantized per token to int8 at run time. Their bits/weight is the packed format's (what
+  `WeightOnlyLinear` stores for the same grid), not the float32 they are held in.
+- **KV rows** leave the weights as they are and store keys and values in one byte with one fp32 scale per
+  token and head (the table below gives bytes per token); evaluation reads them back through the cache
+  format, so ΔPPL is the cost of the cache alone.
 """,
 }
 
@@ -124,7 +149,18 @@ def main() -> None:
                     "over instead of scored again (default for --set methods: the core set's)")
     ap.add_argument("--no-cache-models", action="store_true",
                     help="do not keep calibrated methods' checkpoints in OUT/models (they make a resume cheap)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="only rewrite OUT/compare.{md,json,png} from OUT/state.json (no model, no scoring)")
     args = ap.parse_args()
+    out = args.out or str(ROOT / "benchmarks" / "results" / f"quant_{args.set}")
+    if args.report_only:
+        state_path = Path(out) / "state.json"
+        if not state_path.is_file():
+            sys.exit(f"error: --report-only: {state_path} does not exist (run the table first)")
+        import json
+        write_report(json.loads(state_path.read_text()), out, args.set)
+        print(f"wrote {out}/compare.md, compare.json, compare.png")
+        return
 
     from lowbit.eval import compare
     from lowbit.eval.text import eval_windows, read_text, tokenize_text
@@ -148,7 +184,12 @@ def main() -> None:
             "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
                        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
             "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
-    out = args.out or str(ROOT / "benchmarks" / "results" / f"quant_{args.set}")
+    if any(c.kv_cache for c in cands):
+        from lowbit.analysis.memory import kv_cache_bytes_per_token
+        from lowbit.quant.kv_quant import KVQuant
+        c = base.config
+        meta["kv_bytes_per_token"] = {"fp16": kv_cache_bytes_per_token(c, 2), **{
+            fmt: KVQuant(fmt).bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim) for fmt in ("int8", "fp8")}}
     if args.reuse and not Path(args.reuse).is_file():
         sys.exit(f"error: --reuse {args.reuse}: no such file (another set's state.json)")
     reuse = args.reuse or (str(ROOT / "benchmarks" / "results" / "quant_core" / "state.json")
@@ -157,11 +198,25 @@ def main() -> None:
                         budget_s=60 * args.budget_minutes if args.budget_minutes else None,
                         seed=same_config_rows(chosen, reuse, args.seqlen, args.text),
                         cache_models=not args.no_cache_models)
-    if args.set in NOTES:
-        (Path(out) / "compare.md").write_text(compare.markdown(state, f"Quantization on {meta['model']}") +
-                                              NOTES[args.set])
+    write_report(state, out, args.set)
     print(compare.markdown(state, "results"))
 
+
+def write_report(state: dict, out: str | Path, set_name: str) -> None:
+    """compare.{md,json,png} from the state: the table, then (methods set) the targets and the paper's row."""
+    from lowbit.atomic import write_json_atomic, write_text_atomic
+    from lowbit.eval import compare
+
+    title = f"Quantization on {state.get('model', 'the default model')}"
+    rows = {r["config"]: r for r in compare.summary(state)}
+    extra, md = {}, compare.markdown(state, title)
+    if set_name == "methods":
+        import quant_checks
+        extra["checks"] = quant_checks.check(rows, state["total_windows"])
+        md += quant_checks.markdown(rows, state["total_windows"], state.get("kv_bytes_per_token"))
+    write_json_atomic(Path(out) / "compare.json", {**state, "rows": list(rows.values()), **extra})
+    write_text_atomic(Path(out) / "compare.md", md + NOTES.get(set_name, ""))
+    compare.plot(state, Path(out) / "compare.png", title)
 
 if __name__ == "__main__":
     main()

@@ -12,12 +12,13 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import json
 import platform
 import sys
 from pathlib import Path
 
 import torch
+
+from lowbit.atomic import write_json_atomic, write_text_atomic
 
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
            "def fibonacci(n):", "The three laws of thermodynamics state that"]
@@ -119,7 +120,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"speculative_{a.device}_{now:%Y%m%d_%H%M%S}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2))
+    write_json_atomic(stem.with_suffix(".json"), res)
     md = [f"# Speculative decoding ({a.device}, {a.dtype})", "",
           f"- date: {res['date']}", f"- machine: {res['machine']} (torch {res['torch']}, {res['threads']} threads)",
           f"- command: `{res['command']}`", f"- greedy, {a.max_tokens} new tokens x {len(prompts)} prompts; "
@@ -128,7 +129,7 @@ def main() -> None:
           "|---|---|---|---|---|---|---|"]
     md += [f"| {r['draft']} | {r['k']} | {r['acceptance_rate']:.1%} | {r['tokens_per_target_forward']:.2f} | "
            f"{r['tokens_per_s']:.1f} | x{r['speedup']:.2f} | {r['greedy_matches_target']} |" for r in rows]
-    stem.with_suffix(".md").write_text("\n".join(md) + "\n")
+    write_text_atomic(stem.with_suffix(".md"), "\n".join(md) + "\n")
     print(f"wrote {stem}.json / .md")
 
 

@@ -1,11 +1,6 @@
 """Arguments and helpers several subcommands share."""
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
-
 
 def add_model_arg(p) -> None:
     p.add_argument("model", nargs="?", default=None,
@@ -18,21 +13,6 @@ def add_model_arg(p) -> None:
 def add_kv_arg(p) -> None:
     p.add_argument("--kv-cache", choices=["int8", "fp8"], default=None,
                    help="quantize the KV cache: int8 or fp8 (e4m3), a scale per token and head")
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write JSON through a temporary file and a rename, so no half-written file is ever seen."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def console():

@@ -4,7 +4,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from lowbit.cli.common import add_model_arg, console, write_json_atomic
+from lowbit.atomic import write_json_atomic
+from lowbit.cli.common import add_model_arg, console
 
 DEFAULT_BASE = "<default model>"
 

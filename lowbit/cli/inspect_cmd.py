@@ -1,7 +1,8 @@
 """`lowbit inspect`: parameters, memory, FLOPs, arithmetic intensity and roofline bounds of a model."""
 from __future__ import annotations
 
-from lowbit.cli.common import console, write_json_atomic
+from lowbit.atomic import write_json_atomic
+from lowbit.cli.common import console
 
 
 def add_parser(sub) -> None:

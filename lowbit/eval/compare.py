@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.atomic import write_json_atomic, write_text_atomic
 from lowbit.eval.memory import PeakMemory, model_bytes
 from lowbit.eval.perplexity import Reference, window_stats
 
@@ -55,11 +56,12 @@ def build(base, cand: Candidate, calib, device=None, progress: bool = False, cac
     info = {"method": method.describe(), "kv_cache": cand.kv_cache,
             "quantize_seconds": time.perf_counter() - t0,
             "peak_memory_bytes": pm.peak_bytes, "model_bytes": model_bytes(model),
-            "bits_per_weight": 8 * sum(r.stored_bytes for r in layers) / max(n_weights, 1),
+            "bits_per_weight": 8 * sum(r.format_bytes or r.stored_bytes for r in layers) / max(n_weights, 1),
+            "simulated": any((r.format_bytes or r.stored_bytes) != r.stored_bytes for r in layers),
             "calibration": calib.describe() if (calib is not None and method.needs_calibration) else None}
     if cached is not None:
         res.save(model, None, cached, overwrite=True, kv_cache=cand.kv_cache)
-        save_json_atomic(cached / "build_info.json", info)
+        write_json_atomic(cached / "build_info.json", info)
     return model, info
 
 
@@ -113,6 +115,7 @@ def summary(state: dict) -> list[dict]:
                      "windows": r["windows"], "tokens": r["tokens"],
                      "model_bytes": info.get("model_bytes", state.get("base_bytes")),
                      "bits_per_weight": info.get("bits_per_weight", 16.0),
+                     "simulated": bool(info.get("simulated")),
                      "quantize_seconds": info.get("quantize_seconds", 0.0),
                      "peak_memory_bytes": info.get("peak_memory_bytes", 0)})
     return rows
@@ -122,7 +125,7 @@ def markdown(state: dict, title: str) -> str:
     rows = summary(state)
     head = ["| config | PPL | ΔPPL | ΔPPL % | KL (nats/tok) | top-1 | bits/weight | model MB | quantize s | peak MB | windows |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    body = [f"| {r['config']} | {r['perplexity']:.3f} | {r['delta_ppl']:+.3f} | {r['delta_ppl_pct']:+.2f}% | "
+    body = [f"| {r['config']}{'*' if r['simulated'] else ''} | {r['perplexity']:.3f} | {r['delta_ppl']:+.3f} | {r['delta_ppl_pct']:+.2f}% | "
             f"{r['kl']:.5f} | {100 * r['top1_agreement']:.2f}% | {r['bits_per_weight']:.2f} | "
             f"{(r['model_bytes'] or 0) / 1e6:.1f} | {r['quantize_seconds']:.1f} | {r['peak_memory_bytes'] / 1e6:.0f} | "
             f"{r['windows']} |" for r in rows]
@@ -130,7 +133,8 @@ def markdown(state: dict, title: str) -> str:
             if k in state]
     return "\n".join([f"# {title}", "", *meta, "",
                       "Bits/weight: stored bytes of the quantized Linears (codes, scales, zeros) × 8 per weight; "
-                      "the base counts as fp16 (16). ΔPPL, KL and top-1 are against the base on the same windows.",
+                      "the base counts as fp16 (16); for simulated formats (held dequantized, marked *) the "
+                      "packed size of the format. ΔPPL, KL and top-1 are against the base on the same windows.",
                       "", *head, *body]) + "\n"
 
 
@@ -147,7 +151,8 @@ def plot(state: dict, path: str | Path, title: str) -> None:
     for r in rows:
         if r["config"] != "base":
             m = state["info"][r["config"]]["method"]
-            label = m["method"] + (f" g{m['group_size']}" if "group_size" in m else "")
+            kv = state["info"][r["config"]].get("kv_cache")
+            label = m["method"] + (f" g{m['group_size']}" if "group_size" in m else "") + (f" + KV {kv}" if kv else "")
             by_method.setdefault(label, []).append((r["bits_per_weight"], r["perplexity"], r["config"]))
     for label, pts in sorted(by_method.items()):
         pts.sort()
@@ -163,13 +168,6 @@ def plot(state: dict, path: str | Path, title: str) -> None:
     tmp = Path(str(path) + ".tmp.png")
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
-    tmp.replace(path)
-
-
-def save_json_atomic(path: str | Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
     tmp.replace(path)
 
 
@@ -206,9 +204,9 @@ def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir
         bar.set_postfix(config=cand.name)
         models[cand.name], info = build(base, cand, calib, device, cache=out / "models" if cache_models else None)
         state["info"].setdefault(cand.name, info)  # keep the first run's cost figures when resuming
-    score(base, models, windows, state, save=lambda s: save_json_atomic(state_path, s), budget_s=budget_s,
+    score(base, models, windows, state, save=lambda s: write_json_atomic(state_path, s), budget_s=budget_s,
           progress=progress)
-    save_json_atomic(out / "compare.json", {**state, "rows": summary(state)})
-    (out / "compare.md").write_text(markdown(state, title))
+    write_json_atomic(out / "compare.json", {**state, "rows": summary(state)})
+    write_text_atomic(out / "compare.md", markdown(state, title))
     plot(state, out / "compare.png", title)
     return state

@@ -60,7 +60,22 @@ class QuantResult:
                       f"{k['weight_rel_err']:.2e}", f"{k['output_rel_mse']:.2e}" if k["output_rel_mse"] else "-")
         t.add_row("all", f"{tot_fp:,}", f"{tot_q:,}", f"{tot_q / max(tot_fp, 1):.3f}", "", "", style="bold")
         console.print(t)
+        for key, title in PER_LAYER_EXTRAS.items():
+            grid = self.report.extra_grid(key)
+            if grid:
+                kinds = list(self.report.by_kind())
+                g = Table(title=title)
+                for c in ("block", *kinds):
+                    g.add_column(c, justify="right")
+                for b, row in sorted(grid.items()):
+                    g.add_row(str(b), *(f"{100 * row[k]:.1f}%" if k in row else "-" for k in kinds))
+                console.print(g)
         console.print(f"{self.report.seconds:.1f} s")
+
+
+# per-layer numbers some methods report (LayerReport.extra), printed as a block x layer table
+PER_LAYER_EXTRAS = {"outlier_fraction": "LLM.int8(): fraction of input dims with an outlier (|x| >= threshold) "
+                                        "in the calibration data, per layer"}
 
 
 def quantize(model, method: str | Method, calib: Calibration | None = None, device: str | None = None,

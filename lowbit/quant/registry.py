@@ -69,6 +69,7 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     needs_calibration: ClassVar[bool] = False
     true_sequential: bool = False          # quantize the layout's sequential groups one after another
+    needs_targets: bool = False            # finish_block reads the float block's outputs
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -24,6 +24,7 @@ class LayerReport:
     stored_bytes: int
     weight_rel_err: float       # ||W_q - W||² / ||W||²
     output_rel_mse: float | None = None   # ||X W_qᵀ - X Wᵀ||² / ||X Wᵀ||² on calibration rows
+    format_bytes: int | None = None       # packed size of the format when the layer holds it unpacked (simulation)
     extra: dict = field(default_factory=dict)
 
 
@@ -37,6 +38,14 @@ class QuantReport:
     def to_dict(self) -> dict:
         return {"method": self.method, "seconds": self.seconds, "peak_memory_bytes": self.peak_memory_bytes,
                 "layers": [asdict(r) for r in self.layers]}
+
+    def extra_grid(self, key: str) -> dict[int, dict[str, float]]:
+        """{block: {kind: value}} of one numeric entry of the layers' `extra` (empty when none has it)."""
+        out: dict[int, dict[str, float]] = {}
+        for r in self.layers:
+            if key in r.extra:
+                out.setdefault(r.block, {})[r.name.split(".")[-1]] = float(r.extra[key])
+        return out
 
     def by_kind(self) -> dict[str, dict[str, float]]:
         """Per Linear kind (q_proj, down_proj, ...): bytes and mean errors over blocks."""
@@ -88,15 +97,40 @@ def _hook_inputs(modules: dict[str, nn.Module], sinks: dict[str, list]):
     return handles
 
 
+class _Stop(Exception):
+    """Raised by a hook once the Linears a pass is for have all run: the rest of the block is not needed."""
+
+
 @torch.no_grad()
-def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int = 8) -> torch.Tensor:
-    """The block over all calibration hidden states xs [N, S, d] (CPU), `batch` windows at a time."""
+def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int = 8,
+              stop_after: dict[str, nn.Module] | None = None) -> torch.Tensor | None:
+    """The block over all calibration hidden states xs [N, S, d] (CPU), `batch` windows at a time.
+
+    stop_after: a statistics pass only needs these modules' inputs, so each batch stops once they have all
+    run (the statistics are the same as a full pass's; a true-sequential GPTQ pass for q/k/v then costs
+    almost nothing instead of a whole block). Returns None then, else the outputs [N, S, d]."""
+    ran: set[str] = set()
+    handles = []
+    for name, mod in (stop_after or {}).items():
+        def hook(_m, _args, _out, _name=name):
+            ran.add(_name)
+            if len(ran) == len(stop_after):
+                raise _Stop
+        handles.append(mod.register_forward_hook(hook))
     outs = []
-    for i in range(0, xs.shape[0], batch):
-        x = xs[i: i + batch].to(device)                                  # [b, S, d]
-        cos, sin = kw["cos"][: x.shape[0]], kw["sin"][: x.shape[0]]
-        outs.append(block(x, cos, sin).cpu())
-    return torch.cat(outs)                                               # [N, S, d]
+    try:
+        for i in range(0, xs.shape[0], batch):
+            x = xs[i: i + batch].to(device)                              # [b, S, d]
+            cos, sin = kw["cos"][: x.shape[0]], kw["sin"][: x.shape[0]]
+            ran.clear()
+            try:
+                outs.append(block(x, cos, sin).cpu())
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(outs) if not stop_after else None                   # [N, S, d]
 
 
 @torch.no_grad()
@@ -134,6 +168,11 @@ def _stored_bytes(m: nn.Module) -> int:
     return int(m.nbytes()) if hasattr(m, "nbytes") else _fp16_bytes(m)
 
 
+def _format_bytes(m: nn.Module) -> int:
+    """Bytes of the layer's weight format when packed (what bits/weight counts)."""
+    return int(m.format_nbytes()) if hasattr(m, "format_nbytes") else _stored_bytes(m)
+
+
 def quantize_model(model, method, windows: torch.Tensor | None = None, device: str | None = None,
                    progress: bool = True) -> QuantReport:
     """Quantize every block Linear of `model` in place with `method`; windows [N, S] are calibration data."""
@@ -167,11 +206,12 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
             linears = _named_linears(block, group)
             sinks = {n: [s for s in (method.collector(n, l), RowSample()) if s is not None] for n, l in linears.items()}
             if xs is not None:
+                full = gi == 0 and method.needs_targets   # the float block's outputs are wanted
                 handles = _hook_inputs(linears, sinks)
-                out = run_block(block, xs, kw, device)
+                out = run_block(block, xs, kw, device, stop_after=None if full else linears)
                 for h in handles:
                     h.remove()
-                if gi == 0:
+                if full:
                     targets = out                          # the float block's outputs [N, S, d]
             for n, lin in linears.items():
                 col = sinks[n][0] if len(sinks[n]) == 2 else None
@@ -179,7 +219,7 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
                 rows = sinks[n][-1].tensor() if xs is not None else None   # [n_rows, in] for the report
                 report.layers.append(LayerReport(
                     block=i, name=n, kind=type(new).__name__, fp16_bytes=_fp16_bytes(lin),
-                    stored_bytes=_stored_bytes(new),
+                    stored_bytes=_stored_bytes(new), format_bytes=_format_bytes(new),
                     weight_rel_err=_weight_rel_err(lin, new),
                     output_rel_mse=_output_rel_mse(lin, new, rows) if rows is not None else None,
                     extra=getattr(new, "report_extra", {})))

@@ -243,6 +243,17 @@ def test_nbytes_matches_built_layer():
     assert built.nbytes() == WeightOnlyLinear(IN, OUT, spec).nbytes() == OUT * IN * 3 // 8 + 2 * (2 * OUT * 8 + OUT)
 
 
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4, symmetric=True, group_size=128), QuantSpec(bits=3, group_size=32),
+                                  QuantSpec(bits=8, group_size=-1), QuantSpec(bits=2, symmetric=True, group_size=0)])
+def test_fake_quant_format_bytes_equal_the_packed_layer(spec):
+    """The simulation layer holds a float weight; the bits it reports are those of the real packed layer."""
+    lin = _linear(bias=True)
+    fake = FakeQuantLinear.from_linear(lin, spec, act="int8")
+    assert fake.format_nbytes() == WeightOnlyLinear.from_linear(lin, spec).nbytes() < fake.nbytes()
+    assert FakeQuantLinear.from_linear(lin, None).format_nbytes() == fake.nbytes()   # unquantized weight: as held
+    assert FP8Linear.from_linear(lin, per_channel=True).format_nbytes() == FP8Linear.from_linear(lin, per_channel=True).nbytes()
+
+
 # ----------------------------------------------------------------------------- state dict
 
 CASES = {

@@ -206,6 +206,23 @@ def test_llm_int8_report_on_smollm2(llm_int8, w8a8):
     assert better >= 0.9 * len(with_outliers)
 
 
+def test_outlier_fraction_table(llm_int8):
+    """The per-layer outlier fractions come out as a block x layer grid (what `lowbit quantize` prints)."""
+    from rich.console import Console
+
+    layers = llm_int8[1].report.layers
+    grid = llm_int8[1].report.extra_grid("outlier_fraction")
+    assert sorted(grid) == list(range(30)) and all(len(row) == 7 for row in grid.values())
+    assert all(grid[r.block][r.name.split(".")[-1]] == r.extra["outlier_fraction"] for r in layers)
+    assert llm_int8[1].report.extra_grid("no_such_key") == {}
+    console = Console(record=True, width=200)
+    llm_int8[1].print(console)
+    text = console.export_text()
+    assert "fraction of input dims with an outlier" in text
+    row29 = [line for line in text.splitlines() if line.strip("│┃ ").startswith("29 ")]
+    assert len(row29) == 1 and f"{100 * grid[29]['down_proj']:.1f}%" in row29[0]
+
+
 def test_llm_int8_close_to_float_on_wikitext(smollm2, llm_int8, w8a8, windows):
     """2 x 256 WikiText-2 tokens: measured perplexity 27.69 (float) -> 28.24 (llm-int8, +2.0%). Against naive
     W8A8 on the first window (its CPU int8 matmul is slow): KL from the float model 0.0167 vs 0.0319

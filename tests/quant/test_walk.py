@@ -130,3 +130,31 @@ def test_bad_method_options():
         get_method("w8a8", bits=4)
     with pytest.raises(LowbitError, match="needs calibration"):
         quantize(torch.nn.Module(), "w8a8", None, act_scheme="static")
+
+
+def test_statistics_pass_stops_early_with_the_same_inputs(smollm2, calib):
+    """run_block(stop_after=...) ends each batch once the pass's Linears have run; what they saw is what a
+    full pass feeds them, for every true-sequential group of a real block."""
+    from lowbit.models.names import layout_of
+    from lowbit.quant.walk import block_inputs, run_block
+
+    model = smollm2[0]
+    layout = layout_of(model)
+    block = model.get_submodule(layout.blocks)[3]
+    xs, kw = block_inputs(model, calib.windows)
+    full, seen_full = {}, {}
+    for group in layout.sequential:
+        mods = {n: block.get_submodule(n) for n in group}
+        for store, stop in ((full, None), (seen_full, mods)):
+            hs = [m.register_forward_pre_hook(lambda _m, a, _n=n, _s=store: _s.setdefault(_n, []).append(a[0].clone()))
+                  for n, m in mods.items()]
+            out = run_block(block, xs, kw, "cpu", batch=1, stop_after=stop)
+            for h in hs:
+                h.remove()
+            assert (out is None) == (stop is not None)
+    assert full.keys() == seen_full.keys() == set(layout.linears)
+    for n in layout.linears:
+        assert len(full[n]) == len(seen_full[n]) == xs.shape[0]
+        assert all(torch.equal(a, b) for a, b in zip(full[n], seen_full[n]))
+    # a stopped pass leaves no hooks behind: the block runs whole again
+    assert torch.equal(run_block(block, xs, kw, "cpu"), run_block(block, xs, kw, "cpu"))

@@ -133,6 +133,11 @@ class _QuantLinear(nn.Module):
         ts = itertools.chain(self.buffers(recurse=False), self.parameters(recurse=False))
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def format_nbytes(self) -> int:
+        """Bytes the weight format needs when packed (codes, scales, zeros, bias); equals nbytes() for the
+        layers that hold their packed form, less for the simulation layer that holds a dequantized weight."""
+        return self.nbytes()
+
     def _apply(self, fn, recurse=True):
         # .half()/.to(dtype) cast every floating tensor, fp8 codes and fp32 scales too;
         # those buffers may only change device.

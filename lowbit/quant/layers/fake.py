@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import torch.nn as nn
@@ -68,6 +69,20 @@ class FakeQuantLinear(_QuantLinear):
             x = xq.to(x.dtype).reshape(x.shape)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.weight.to(x.dtype), b)
+
+    def format_nbytes(self) -> int:
+        """Packed size of the simulated format: `bits` per weight code, an fp16 scale (and zero when
+        asymmetric) per group, fp8 codes + fp32 scales, and the bias in fp16; a float weight as held."""
+        extra = (0 if self.bias is None else 2 * self.bias.numel()) + \
+            (0 if self.act_scale is None else 4)        # bias counted in fp16, as the packed layers store it
+        out_f, in_f = self.out_features, self.in_features
+        if isinstance(self.spec, QuantSpec):
+            s = self.spec
+            groups = {0: 1, -1: out_f}.get(s.group_size) or out_f * math.ceil(in_f / max(s.group_size, 1))
+            return math.ceil(out_f * in_f * s.bits / 8) + groups * 2 * (1 if s.symmetric else 2) + extra
+        if self.spec is not None:  # fp8 e4m3 codes, one fp32 scale per row or per tensor
+            return out_f * in_f + 4 * (out_f if FP8_WEIGHT[self.spec] else 1) + extra
+        return self.nbytes()
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The weight the layer multiplies by [out, in] (float32 unless dtype)."""

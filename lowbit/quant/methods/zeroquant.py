@@ -123,6 +123,8 @@ class ZeroQuant(Method):
     def needs_calibration(self) -> bool:
         return self.cfg.lkd_steps > 0
 
+    needs_targets = needs_calibration
+
     def _spec(self, name: str) -> QuantSpec:
         return self.cfg.spec(attention="attn" in name)
 
