@@ -117,20 +117,23 @@ def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int =
             if len(ran) == len(stop_after):
                 raise _Stop
         handles.append(mod.register_forward_hook(hook))
-    outs = []
+    out = None
     try:
         for i in range(0, xs.shape[0], batch):
             x = xs[i: i + batch].to(device)                              # [b, S, d]
             cos, sin = kw["cos"][: x.shape[0]], kw["sin"][: x.shape[0]]
             ran.clear()
             try:
-                outs.append(block(x, cos, sin).cpu())
+                y = block(x, cos, sin)
             except _Stop:
-                pass
+                continue
+            if out is None:  # written in place: peak memory is xs and one output, not a list plus its cat
+                out = torch.empty((xs.shape[0], *y.shape[1:]), dtype=y.dtype)
+            out[i: i + y.shape[0]] = y
     finally:
         for h in handles:
             h.remove()
-    return torch.cat(outs) if not stop_after else None                   # [N, S, d]
+    return out if not stop_after else None                               # [N, S, d]
 
 
 @torch.no_grad()
