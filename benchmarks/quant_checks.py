@@ -74,7 +74,8 @@ def kv_table(rows: dict[str, dict], kv_bytes: dict[str, float] | None) -> str:
     for fmt in ("int8", "fp8"):
         r = rows.get(f"kv-{fmt}")
         d = f"{r['delta_ppl_pct']:+.3f}%" if r else "pending"
-        lines.append(f"| {fmt} (scale per token and head) | {kv_bytes[fmt]:,.0f} | {1 - kv_bytes[fmt] / fp16:.1%} | {d} |")
+        saved = 1 - kv_bytes[fmt] / fp16
+        lines.append(f"| {fmt} (scale per token and head) | {kv_bytes[fmt]:,.0f} | {saved:.1%} | {d} |")
     return "\n".join(["", "## KV-cache quantization", "", *lines, ""])
 
 

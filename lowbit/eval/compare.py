@@ -129,8 +129,9 @@ def markdown(state: dict, title: str) -> str:
             f"{r['kl']:.5f} | {100 * r['top1_agreement']:.2f}% | {r['bits_per_weight']:.2f} | "
             f"{(r['model_bytes'] or 0) / 1e6:.1f} | {r['quantize_seconds']:.1f} | {r['peak_memory_bytes'] / 1e6:.0f} | "
             f"{r['windows']} |" for r in rows]
-    meta = [f"- {k}: {state[k]}" for k in ("model", "text", "seqlen", "calibration", "machine", "date", "command")
-            if k in state]
+    meta = [f"- {k}: {state[k]}" for k in ("model", "text", "seqlen", "calibration", "machine", "date") if k in state]
+    cmds = state.get("commands") or ([state["command"]] if "command" in state else [])
+    meta += [f"- command{'s (one run, then resumes)' if len(cmds) > 1 else ''}: " + "; ".join(f"`{c}`" for c in cmds)]
     return "\n".join([f"# {title}", "", *meta, "",
                       "Bits/weight: stored bytes of the quantized Linears (codes, scales, zeros) × 8 per weight; "
                       "the base counts as fp16 (16); for simulated formats (held dequantized, marked *) the "
@@ -191,7 +192,10 @@ def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir
     if state and {k: state.get(k) for k in key} != key:
         from lowbit.errors import LowbitError
         raise LowbitError(f"{state_path}: made with other text/seqlen; remove it to start over")
-    state.update(meta, **key, total_windows=int(windows.shape[0]), base_bytes=model_bytes(base))
+    commands = state.get("commands", [])          # every run that added to this state (resumes)
+    if meta.get("command") and meta["command"] not in commands:
+        commands.append(meta["command"])
+    state.update(meta, **key, total_windows=int(windows.shape[0]), base_bytes=model_bytes(base), commands=commands)
     state.setdefault("info", {})
     results = state.setdefault("results", {})
     for name, (row, info) in (seed or {}).items():
