@@ -118,7 +118,7 @@ NOTES = {  # appended to compare.md: what the table shows and why
 ## Reading the table
 
 - Why LLM.int8() misses ΔPPL < 0.5% here: at the paper's threshold 6 it loses +1.65% on these windows
-  (+1.59% over the first 95 windows of the methods table). Int8 weights alone (per output channel) cost
+  (the methods table has it over more windows). Int8 weights alone (per output channel) cost
   +0.19%; vector-wise int8 without the decomposition (threshold 0) +2.98%. The decomposition removes about
   half of the activation error, and lowering the threshold, which sends more input dims to the float path,
   removes more (+1.24% at 3, +0.48% at 1.5). What remains at 6 is the int8 rounding of the non-outlier
