@@ -182,10 +182,9 @@ def main() -> None:
         state_path = Path(out) / "state.json"
         if not state_path.is_file():
             sys.exit(f"error: --report-only: {state_path} does not exist (run the table first)")
+        from lowbit.eval.compare import take_over
         state = json.loads(state_path.read_text())
-        for name, (row, info) in same_config_rows(SETS[args.set], reuse, state["seqlen"], state["text"]).items():
-            if row["windows"] > state["results"].get(name, {}).get("windows", 0):
-                state["results"][name], state["info"][name] = dict(row), dict(info, reused=True)
+        take_over(state, same_config_rows(SETS[args.set], reuse, state["seqlen"], state["text"]))
         write_report(state, out, args.set)
         print(f"wrote {out}/compare.md, compare.json, compare.png")
         return
@@ -221,26 +220,23 @@ def main() -> None:
     state = compare.run(base, cands, windows, calib, out, f"Quantization on {meta['model']}", meta,
                         budget_s=60 * args.budget_minutes if args.budget_minutes else None,
                         seed=same_config_rows(SETS[args.set], reuse, args.seqlen, args.text),
-                        cache_models=not args.no_cache_models)
+                        cache_models=not args.no_cache_models, write=False)
     write_report(state, out, args.set)
     print(compare.markdown(state, "results"))
 
 
 def write_report(state: dict, out: str | Path, set_name: str) -> None:
     """compare.{md,json,png} from the state: the table, then (methods set) the targets and the paper's row."""
-    from lowbit.atomic import write_json_atomic, write_text_atomic
     from lowbit.eval import compare
 
-    title = f"Quantization on {state.get('model', 'the default model')}"
-    rows = {r["config"]: r for r in compare.summary(state)}
-    extra, md = {}, compare.markdown(state, title)
+    extra, md = {}, ""
     if set_name == "methods":
         import quant_checks
+        rows = {r["config"]: r for r in compare.summary(state)}
         extra["checks"] = quant_checks.check(rows, state["total_windows"])
-        md += quant_checks.markdown(rows, state["total_windows"], state.get("kv_bytes_per_token"))
-    write_json_atomic(Path(out) / "compare.json", {**state, "rows": list(rows.values()), **extra})
-    write_text_atomic(Path(out) / "compare.md", md + NOTES.get(set_name, ""))
-    compare.plot(state, Path(out) / "compare.png", title)
+        md = quant_checks.markdown(rows, state["total_windows"], state.get("kv_bytes_per_token"))
+    compare.write_outputs(state, out, f"Quantization on {state.get('model', 'the default model')}",
+                          md + NOTES.get(set_name, ""), extra)
 
 if __name__ == "__main__":
     main()

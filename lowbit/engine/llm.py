@@ -109,6 +109,8 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, block_size, kv_quant, decode_path=decode_path,
                                   cuda_graphs=cuda_graphs, max_num_seqs=max_num_seqs)
         self._text = text_decoder(tokenizer)
+        # the EOS set depends on the params only through ignore_eos: built once, not per sampled token
+        self._eos = {ign: eos_ids(model.config, tokenizer, SamplingParams(ignore_eos=ign)) for ign in (False, True)}
         self._ids = itertools.count()
         self._groups: dict[int, list[Sequence]] = {}   # unfinished request id -> its n sequences
         self.num_steps = 0
@@ -188,8 +190,7 @@ class Engine:
             new = []
             if seq.first_token_time is None:
                 seq.first_token_time = now
-            eos = eos_ids(self.model.config, self.tokenizer, seq.params)
-            reason = append_token(seq.output_ids, tok, seq.params, eos, self._text)
+            reason = append_token(seq.output_ids, tok, seq.params, self._eos[seq.params.ignore_eos], self._text)
             if reason != "eos":
                 new.append(tok)
             if reason is not None:

@@ -125,7 +125,8 @@ def markdown(state: dict, title: str) -> str:
     rows = summary(state)
     head = ["| config | PPL | ΔPPL | ΔPPL % | KL (nats/tok) | top-1 | bits/weight | model MB | quantize s | peak MB | windows |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    body = [f"| {r['config']}{'*' if r['simulated'] else ''} | {r['perplexity']:.3f} | {r['delta_ppl']:+.3f} | {r['delta_ppl_pct']:+.2f}% | "
+    body = [f"| {r['config']}{'*' if r['simulated'] else ''} | {r['perplexity']:.3f} | {r['delta_ppl']:+.3f} | "
+            f"{r['delta_ppl_pct']:+.2f}% | "
             f"{r['kl']:.5f} | {100 * r['top1_agreement']:.2f}% | {r['bits_per_weight']:.2f} | "
             f"{(r['model_bytes'] or 0) / 1e6:.1f} | {r['quantize_seconds']:.1f} | {r['peak_memory_bytes'] / 1e6:.0f} | "
             f"{r['windows']} |" for r in rows]
@@ -174,8 +175,9 @@ def plot(state: dict, path: str | Path, title: str) -> None:
 
 def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir: str | Path, title: str,
         meta: dict, budget_s: float | None = None, device=None, progress: bool = True,
-        seed: dict[str, tuple[dict, dict]] | None = None, cache_models: bool = False) -> dict:
-    """Build every candidate, score all of them in one pass over `windows`, write JSON + markdown + PNG.
+        seed: dict[str, tuple[dict, dict]] | None = None, cache_models: bool = False, write: bool = True) -> dict:
+    """Build every candidate, score all of them in one pass over `windows`, write JSON + markdown + PNG
+    (write_outputs; write=False leaves that to the caller, which adds its own sections).
 
     out_dir/state.json keeps the per-window sums: running again with the same windows resumes, and
     candidates already scored on every window are not built again. seed: {name: (results row, info)}
@@ -198,9 +200,7 @@ def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir
     state.update(meta, **key, total_windows=int(windows.shape[0]), base_bytes=model_bytes(base), commands=commands)
     state.setdefault("info", {})
     results = state.setdefault("results", {})
-    for name, (row, info) in (seed or {}).items():
-        if row["windows"] > results.get(name, {}).get("windows", 0):
-            results[name], state["info"][name] = dict(row), dict(info, reused=True)
+    take_over(state, seed)
     models = {}
     todo = [c for c in candidates if results.get(c.name, {}).get("windows", 0) < windows.shape[0]]
     bar = tqdm(todo, desc="quantize", unit="config", disable=not progress)
@@ -210,7 +210,25 @@ def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir
         state["info"].setdefault(cand.name, info)  # keep the first run's cost figures when resuming
     score(base, models, windows, state, save=lambda s: write_json_atomic(state_path, s), budget_s=budget_s,
           progress=progress)
-    write_json_atomic(out / "compare.json", {**state, "rows": summary(state)})
-    write_text_atomic(out / "compare.md", markdown(state, title))
-    plot(state, out / "compare.png", title)
+    if write:
+        write_outputs(state, out, title)
     return state
+
+
+def take_over(state: dict, seed: dict[str, tuple[dict, dict]] | None) -> dict:
+    """Put seed's rows {name: (results row, info)} into state where they cover more windows (marked reused)."""
+    results = state.setdefault("results", {})
+    infos = state.setdefault("info", {})
+    for name, (row, info) in (seed or {}).items():
+        if row["windows"] > results.get(name, {}).get("windows", 0):
+            results[name], infos[name] = dict(row), dict(info, reused=True)
+    return state
+
+
+def write_outputs(state: dict, out_dir: str | Path, title: str, extra_md: str = "",
+                  extra_json: dict | None = None) -> None:
+    """out_dir/compare.json (state + summary rows + extra_json), compare.md (table + extra_md), compare.png."""
+    out = Path(out_dir)
+    write_json_atomic(out / "compare.json", {**state, "rows": summary(state), **(extra_json or {})})
+    write_text_atomic(out / "compare.md", markdown(state, title) + extra_md)
+    plot(state, out / "compare.png", title)
