@@ -206,7 +206,8 @@ def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir
     bar = tqdm(todo, desc="quantize", unit="config", disable=not progress)
     for cand in bar:
         bar.set_postfix(config=cand.name)
-        models[cand.name], info = build(base, cand, calib, device, cache=out / "models" if cache_models else None)
+        models[cand.name], info = build(base, cand, calib, device, progress=progress,  # per-block bar inside
+                                        cache=out / "models" if cache_models else None)
         state["info"].setdefault(cand.name, info)  # keep the first run's cost figures when resuming
     score(base, models, windows, state, save=lambda s: write_json_atomic(state_path, s), budget_s=budget_s,
           progress=progress)
