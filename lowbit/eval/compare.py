@@ -84,8 +84,7 @@ def score(base, models: dict, windows: torch.Tensor, state: dict, save=None, bud
         if not pending:
             continue
         if budget_s is not None and time.perf_counter() - t0 > budget_s:
-            state["stopped_at_window"] = w
-            break
+            break   # each row's "windows" says how far it got
         ids = windows[w: w + 1].to(base.device)                           # [1, S]
         base_logits = base(ids)[0, :-1]                                   # [S-1, V]
         ref = Reference.of(base_logits, ids[0, 1:])
@@ -132,7 +131,9 @@ def markdown(state: dict, title: str) -> str:
             f"{r['windows']} |" for r in rows]
     meta = [f"- {k}: {state[k]}" for k in ("model", "text", "seqlen", "calibration", "machine", "date") if k in state]
     cmds = state.get("commands") or ([state["command"]] if "command" in state else [])
-    meta += [f"- command{'s (one run, then resumes)' if len(cmds) > 1 else ''}: " + "; ".join(f"`{c}`" for c in cmds)]
+    if cmds:   # no empty "command:" line for states made without one
+        label = "commands (one run, then resumes)" if len(cmds) > 1 else "command"
+        meta.append(f"- {label}: " + "; ".join(f"`{c}`" for c in cmds))
     return "\n".join([f"# {title}", "", *meta, "",
                       "Bits/weight: stored bytes of the quantized Linears (codes, scales, zeros) × 8 per weight; "
                       "the base counts as fp16 (16); for simulated formats (held dequantized, marked *) the "
