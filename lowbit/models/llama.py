@@ -93,9 +93,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, cache=None, mask=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+    # The two residual halves are separate so that a calibration walk can run (and stop) one at a time;
+    # BlockLayout.stages names them.
+    def attn_residual(self, x, cos, sin, cache=None, mask=None):
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, cache, mask)
+
+    def mlp_residual(self, x, cos=None, sin=None):
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        return self.mlp_residual(self.attn_residual(x, cos, sin, cache, mask))
 
 
 class LlamaModel(nn.Module):

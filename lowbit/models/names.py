@@ -16,6 +16,9 @@ class BlockLayout:
     input_groups: tuple[tuple[str, tuple[str, ...]], ...]
     # "true sequential" order: Linears quantized together, each group seeing the already-quantized ones.
     sequential: tuple[tuple[str, ...], ...]
+    # The block as residual stages x -> x + f(x), run in order: (block method taking (x, cos, sin), the
+    # stage's output Linear, which produces f(x)). A true-sequential walk runs one stage at a time.
+    stages: tuple[tuple[str, str], ...] = ()
 
 
 LLAMA = BlockLayout(
@@ -30,6 +33,7 @@ LLAMA = BlockLayout(
     ),
     sequential=(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                 ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)),
+    stages=(("attn_residual", "self_attn.o_proj"), ("mlp_residual", "mlp.down_proj")),
 )
 
 LAYOUTS = {"llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "smollm2": LLAMA}

@@ -70,6 +70,7 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     true_sequential: bool = False          # quantize the layout's sequential groups one after another
     needs_targets: bool = False            # finish_block reads the float block's outputs
+    shares_input_stats: bool = False       # collector() depends on the inputs only: one per shared input
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

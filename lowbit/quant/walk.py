@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.models.names import layout_of
+from lowbit.quant.registry import Method
 
 
 @dataclass
@@ -82,17 +83,59 @@ class RowSample:
         return torch.cat(self.rows)[: self.n]                           # [n, in]
 
 
+class InputCapture:
+    """Keeps every input row a Linear sees, in order, in one preallocated [N, S, in] tensor (CPU)."""
+
+    def __init__(self, n_windows: int):
+        self.n, self.at, self.buf = n_windows, 0, None
+
+    def update(self, x: torch.Tensor) -> None:
+        if self.buf is None:
+            self.buf = torch.empty((self.n, *x.shape[1:]), dtype=x.dtype)   # [N, S, in]
+        self.buf[self.at: self.at + x.shape[0]] = x
+        self.at += x.shape[0]
+
+
+@dataclass
+class _Sinks:
+    """What one Linear's calibration inputs feed: the method's statistics, the report's row sample, and
+    optionally a full capture."""
+    stats: object | None
+    rows: RowSample
+    capture: InputCapture | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        for s in (self.stats, self.rows, self.capture):
+            if s is not None:
+                s.update(x)
+
+
 def _named_linears(block: nn.Module, names) -> dict[str, nn.Linear]:
     return {n: block.get_submodule(n) for n in names}
 
 
-def _hook_inputs(modules: dict[str, nn.Module], sinks: dict[str, list]):
+def _sinks(method, linears: dict[str, nn.Linear], layout) -> tuple[dict[str, _Sinks], dict[str, nn.Module]]:
+    """Sinks per Linear, and the Linears to hook. When the method's statistics depend on the inputs only,
+    Linears reading the same input (q/k/v, gate/up) share one sink, fed once: one Hessian, not three."""
+    share = {}
+    if method.shares_input_stats:
+        share = {c: producer for producer, consumers in layout.input_groups for c in consumers}
+    sinks, hooked, by_input = {}, {}, {}
+    for n, lin in linears.items():
+        key = share.get(n, n)
+        if key not in by_input:
+            by_input[key] = _Sinks(method.collector(n, lin), RowSample())
+            hooked[n] = lin
+        sinks[n] = by_input[key]
+    return sinks, hooked
+
+
+def _hook_inputs(modules: dict[str, nn.Module], sinks: dict[str, _Sinks]):
     """Forward pre-hooks feeding each module's input to its sinks; returns the handles."""
     handles = []
     for name, mod in modules.items():
         def hook(_m, args, _name=name):
-            for s in sinks[_name]:
-                s.update(args[0])
+            sinks[_name].update(args[0])
         handles.append(mod.register_forward_pre_hook(hook))
     return handles
 
@@ -103,8 +146,9 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int = 8,
-              stop_after: dict[str, nn.Module] | None = None) -> torch.Tensor | None:
-    """The block over all calibration hidden states xs [N, S, d] (CPU), `batch` windows at a time.
+              stop_after: dict[str, nn.Module] | None = None, fn=None) -> torch.Tensor | None:
+    """The block (or fn, one of its stages) over calibration hidden states xs [N, S, d] (CPU), `batch`
+    windows at a time.
 
     stop_after: a statistics pass only needs these modules' inputs, so each batch stops once they have all
     run (the statistics are the same as a full pass's; a true-sequential GPTQ pass for q/k/v then costs
@@ -124,7 +168,7 @@ def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int =
             cos, sin = kw["cos"][: x.shape[0]], kw["sin"][: x.shape[0]]
             ran.clear()
             try:
-                y = block(x, cos, sin)
+                y = (fn or block)(x, cos, sin)
             except _Stop:
                 continue
             if out is None:  # written in place: peak memory is xs and one output, not a list plus its cat
@@ -176,13 +220,90 @@ def _format_bytes(m: nn.Module) -> int:
     return int(m.format_nbytes()) if hasattr(m, "format_nbytes") else _stored_bytes(m)
 
 
+def _quantize_group(block, i: int, method, linears: dict[str, nn.Linear], sinks, report: QuantReport) -> None:
+    """Replace each Linear of one group by the method's quantized module, with a report row for it."""
+    from lowbit.quant.layers import swap_linear
+
+    for n, lin in linears.items():
+        sk = sinks.get(n)
+        new = method.quantize_linear(n, lin, sk.stats if sk is not None else None)
+        rows = sk.rows.tensor() if sk is not None else None                # [n_rows, in] for the report
+        report.layers.append(LayerReport(
+            block=i, name=n, kind=type(new).__name__, fp16_bytes=_fp16_bytes(lin),
+            stored_bytes=_stored_bytes(new), format_bytes=_format_bytes(new),
+            weight_rel_err=_weight_rel_err(lin, new),
+            output_rel_mse=_output_rel_mse(lin, new, rows) if rows is not None else None,
+            extra=getattr(new, "report_extra", {})))
+        swap_linear(block, n, new)
+
+
+def _whole_block(block, i, method, layout, xs, kw, device, report):
+    """Statistics from whole-block passes (one per group); returns (float block outputs or None, outputs)."""
+    groups = layout.sequential if method.true_sequential else (layout.linears,)
+    targets = None
+    for gi, group in enumerate(groups):
+        linears = _named_linears(block, group)
+        sinks = {}
+        if xs is not None:
+            sinks, hooked = _sinks(method, linears, layout)
+            full = gi == 0 and method.needs_targets   # the float block's outputs are wanted
+            handles = _hook_inputs(hooked, sinks)
+            out = run_block(block, xs, kw, device, stop_after=None if full else linears)
+            for h in handles:
+                h.remove()
+            if full:
+                targets = out                          # the float block's outputs [N, S, d]
+        _quantize_group(block, i, method, linears, sinks, report)
+    if xs is None:
+        return None, None
+    method.finish_block(block, xs, targets, kw)
+    return targets, run_block(block, xs, kw, device)                      # quantized outputs [N, S, d]
+
+
+def _staged_block(block, i, method, layout, xs, kw, device, report):
+    """True-sequential statistics one residual stage at a time (layout.stages): a group's pass runs only
+    its stage, from that stage's quantized input, and stops after the group. When a stage's last group is
+    its output Linear alone, that pass also captures the Linear's inputs, so the stage output is
+    x + Linear(captured) and attention runs once for its statistics and never again."""
+    targets = run_block(block, xs, kw, device) if method.needs_targets else None
+    keep_inputs = type(method).finish_block is not Method.finish_block   # finish_block reads the inputs
+    h, start = xs, 0                                                      # h: the current stage's input
+    for fn_name, out_name in layout.stages:
+        end = layout.linears.index(out_name) + 1
+        stage, names, start = getattr(block, fn_name), set(layout.linears[start:end]), end
+        capture = None
+        for group in (g for g in layout.sequential if set(g) <= names):
+            linears = _named_linears(block, group)
+            sinks, hooked = _sinks(method, linears, layout)
+            # the buffer is [N, S, in]: only when that is no bigger than the hidden states themselves
+            if group == (out_name,) and linears[out_name].in_features <= h.shape[-1]:
+                capture = sinks[out_name].capture = InputCapture(h.shape[0])
+            handles = _hook_inputs(hooked, sinks)
+            run_block(block, h, kw, device, stop_after=linears, fn=stage)
+            for hd in handles:
+                hd.remove()
+            _quantize_group(block, i, method, linears, sinks, report)
+        if capture is None:
+            h = run_block(block, h, kw, device, fn=stage)                 # [N, S, d]
+            continue
+        out_linear, buf = block.get_submodule(out_name), capture.buf       # buf [N, S, in]
+        y = torch.empty_like(h) if (h is xs and keep_inputs) else h       # else in place: h is not read again
+        with torch.no_grad():
+            for j in range(0, h.shape[0], 8):   # run_block's batch, so the sums are a whole pass's
+                r = h[j: j + 8].to(device) + out_linear(buf[j: j + 8].to(device))
+                y[j: j + 8] = r.to(y.device)
+        h = y
+        del capture, buf
+    method.finish_block(block, xs if keep_inputs else None, targets, kw)
+    return targets, h
+
+
 def quantize_model(model, method, windows: torch.Tensor | None = None, device: str | None = None,
                    progress: bool = True) -> QuantReport:
     """Quantize every block Linear of `model` in place with `method`; windows [N, S] are calibration data."""
     from tqdm.auto import tqdm
 
     from lowbit.errors import LowbitError
-    from lowbit.quant.layers import swap_linear
 
     if method.needs_calibration and windows is None:
         raise LowbitError(f"--method {method.name} needs calibration data: pass --calib FILE")
@@ -194,7 +315,7 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     xs, kw = block_inputs(model, windows) if windows is not None else (None, None)
-    groups = layout.sequential if method.true_sequential else (layout.linears,)
+    staged = method.true_sequential and bool(layout.stages) and xs is not None
     bar = tqdm(range(len(blocks)), desc=f"quantize {method.name}", unit="block", disable=not progress)
     for i in bar:
         block = blocks[i]
@@ -202,34 +323,11 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
         block.to(device)
         if kw is not None:
             kw = {k: v.to(device) for k, v in kw.items()}
-        targets = None
         if xs is not None:
             method.prepare_block(block, layout, xs, kw)   # function-preserving (scale folding) or nothing
-        for gi, group in enumerate(groups):
-            linears = _named_linears(block, group)
-            sinks = {n: [s for s in (method.collector(n, l), RowSample()) if s is not None] for n, l in linears.items()}
-            if xs is not None:
-                full = gi == 0 and method.needs_targets   # the float block's outputs are wanted
-                handles = _hook_inputs(linears, sinks)
-                out = run_block(block, xs, kw, device, stop_after=None if full else linears)
-                for h in handles:
-                    h.remove()
-                if full:
-                    targets = out                          # the float block's outputs [N, S, d]
-            for n, lin in linears.items():
-                col = sinks[n][0] if len(sinks[n]) == 2 else None
-                new = method.quantize_linear(n, lin, col)
-                rows = sinks[n][-1].tensor() if xs is not None else None   # [n_rows, in] for the report
-                report.layers.append(LayerReport(
-                    block=i, name=n, kind=type(new).__name__, fp16_bytes=_fp16_bytes(lin),
-                    stored_bytes=_stored_bytes(new), format_bytes=_format_bytes(new),
-                    weight_rel_err=_weight_rel_err(lin, new),
-                    output_rel_mse=_output_rel_mse(lin, new, rows) if rows is not None else None,
-                    extra=getattr(new, "report_extra", {})))
-                swap_linear(block, n, new)
-        if xs is not None:
-            method.finish_block(block, xs, targets, kw)
-            xs = run_block(block, xs, kw, device)                         # quantized outputs feed the next block
+        walk = _staged_block if staged else _whole_block
+        _, out = walk(block, i, method, layout, xs, kw, device, report)
+        xs = out                                                          # quantized outputs feed the next block
         block.to(home)
         last = report.layers[-len(layout.linears):]
         bar.set_postfix(err=f"{sum(r.output_rel_mse or r.weight_rel_err for r in last) / len(last):.2e}")

@@ -45,3 +45,42 @@ def test_deterministic(smollm2_4, calib):
     quantize(b, "gptq", calib, progress=False, bits=4, group_size=64)
     for (n, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
         assert torch.equal(x, y), n
+
+
+def _slow_true_sequential_gptq(model, windows, **opts):
+    """The reference's procedure, written out: for every group of every block, a whole-block forward over
+    all windows feeds a Hessian per Linear; quantize the group; the block's full output feeds the next."""
+    from lowbit.models.names import layout_of
+    from lowbit.quant.gptq_core import HessianAccumulator
+    from lowbit.quant.layers import swap_linear
+    from lowbit.quant.registry import get_method
+    from lowbit.quant.walk import block_inputs
+
+    method, layout = get_method("gptq", **opts), layout_of(model)
+    xs, kw = block_inputs(model, windows)                                  # [N, S, d]
+    cos, sin = kw["cos"][: xs.shape[0]], kw["sin"][: xs.shape[0]]
+    with torch.no_grad():
+        for block in model.get_submodule(layout.blocks):
+            for group in layout.sequential:
+                hs = {n: HessianAccumulator() for n in group}
+                hooks = [block.get_submodule(n).register_forward_pre_hook(
+                    lambda _m, a, _h=hs[n]: [_h.update(a[0]), None][1]) for n in group]   # None: keep the input
+                block(xs, cos, sin)
+                for h in hooks:
+                    h.remove()
+                for n in group:
+                    swap_linear(block, n, method.quantize_linear(n, block.get_submodule(n), hs[n]))
+            xs = block(xs, cos, sin)
+
+
+@pytest.mark.parametrize("opts", [dict(bits=3, group_size=-1), dict(bits=4, group_size=128, act_order=True)])
+def test_staged_walk_equals_whole_block_passes(smollm2_4, calib, opts):
+    """The walk runs one residual stage per group, shares q/k/v's (gate/up's) Hessian and reuses o_proj's
+    captured inputs for the attention output: the codes equal a whole-block pass per group's."""
+    fast, slow = copy.deepcopy(smollm2_4[0]), copy.deepcopy(smollm2_4[0])
+    quantize(fast, "gptq", calib, progress=False, **opts)
+    _slow_true_sequential_gptq(slow, calib.windows, **opts)
+    bufs = dict(slow.named_buffers())
+    assert sum(isinstance(m, WeightOnlyLinear) for m in fast.modules()) == 4 * 7
+    for n, x in fast.named_buffers():
+        assert torch.equal(x, bufs[n]), n

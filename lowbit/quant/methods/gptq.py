@@ -31,6 +31,7 @@ class GPTQConfig(MethodConfig):
 class GPTQ(Method):
     config_cls = GPTQConfig
     needs_calibration = True
+    shares_input_stats = True   # H depends on the inputs only: q/k/v share one, gate/up another
 
     def __init__(self, cfg: GPTQConfig):
         super().__init__(cfg)
