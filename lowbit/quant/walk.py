@@ -144,8 +144,11 @@ class _Stop(Exception):
     """Raised by a hook once the Linears a pass is for have all run: the rest of the block is not needed."""
 
 
+BATCH = 8   # calibration windows per forward of a block (or stage)
+
+
 @torch.no_grad()
-def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int = 8,
+def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int = BATCH,
               stop_after: dict[str, nn.Module] | None = None, fn=None) -> torch.Tensor | None:
     """The block (or fn, one of its stages) over calibration hidden states xs [N, S, d] (CPU), `batch`
     windows at a time.
@@ -181,7 +184,7 @@ def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int =
 
 
 @torch.no_grad()
-def block_inputs(model, windows: torch.Tensor, batch: int = 8) -> tuple[torch.Tensor, dict]:
+def block_inputs(model, windows: torch.Tensor, batch: int = BATCH) -> tuple[torch.Tensor, dict]:
     """Hidden states entering the first block for windows [N, S] (CPU), and the per-block kwargs (RoPE)."""
     xs = []
     for i in range(0, windows.shape[0], batch):
@@ -238,7 +241,7 @@ def _quantize_group(block, i: int, method, linears: dict[str, nn.Linear], sinks,
 
 
 def _whole_block(block, i, method, layout, xs, kw, device, report):
-    """Statistics from whole-block passes (one per group); returns (float block outputs or None, outputs)."""
+    """Statistics from whole-block passes (one per group); returns the quantized block's outputs (or None)."""
     groups = layout.sequential if method.true_sequential else (layout.linears,)
     targets = None
     for gi, group in enumerate(groups):
@@ -255,9 +258,9 @@ def _whole_block(block, i, method, layout, xs, kw, device, report):
                 targets = out                          # the float block's outputs [N, S, d]
         _quantize_group(block, i, method, linears, sinks, report)
     if xs is None:
-        return None, None
+        return None
     method.finish_block(block, xs, targets, kw)
-    return targets, run_block(block, xs, kw, device)                      # quantized outputs [N, S, d]
+    return run_block(block, xs, kw, device)                               # quantized outputs [N, S, d]
 
 
 def _staged_block(block, i, method, layout, xs, kw, device, report):
@@ -289,13 +292,12 @@ def _staged_block(block, i, method, layout, xs, kw, device, report):
         out_linear, buf = block.get_submodule(out_name), capture.buf       # buf [N, S, in]
         y = torch.empty_like(h) if (h is xs and keep_inputs) else h       # else in place: h is not read again
         with torch.no_grad():
-            for j in range(0, h.shape[0], 8):   # run_block's batch, so the sums are a whole pass's
-                r = h[j: j + 8].to(device) + out_linear(buf[j: j + 8].to(device))
-                y[j: j + 8] = r.to(y.device)
+            for j in range(0, h.shape[0], BATCH):   # run_block's batch, so the sums are a whole pass's
+                r = h[j: j + BATCH].to(device) + out_linear(buf[j: j + BATCH].to(device))
+                y[j: j + BATCH] = r.to(y.device)
         h = y
-        del capture, buf
     method.finish_block(block, xs if keep_inputs else None, targets, kw)
-    return targets, h
+    return h                                                              # quantized outputs [N, S, d]
 
 
 def quantize_model(model, method, windows: torch.Tensor | None = None, device: str | None = None,
@@ -326,8 +328,7 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
         if xs is not None:
             method.prepare_block(block, layout, xs, kw)   # function-preserving (scale folding) or nothing
         walk = _staged_block if staged else _whole_block
-        _, out = walk(block, i, method, layout, xs, kw, device, report)
-        xs = out                                                          # quantized outputs feed the next block
+        xs = walk(block, i, method, layout, xs, kw, device, report)     # quantized outputs feed the next block
         block.to(home)
         last = report.layers[-len(layout.linears):]
         bar.set_postfix(err=f"{sum(r.output_rel_mse or r.weight_rel_err for r in last) / len(last):.2e}")
