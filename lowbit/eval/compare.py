@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import re
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,7 +117,8 @@ def summary(state: dict) -> list[dict]:
                      "bits_per_weight": info.get("bits_per_weight", 16.0),
                      "simulated": bool(info.get("simulated")),
                      "quantize_seconds": info.get("quantize_seconds", 0.0),
-                     "peak_memory_bytes": info.get("peak_memory_bytes", 0)})
+                     "peak_memory_bytes": info.get("peak_memory_bytes", 0),
+                     "calibrated_on": info.get("calibrated_on")})   # set where another machine calibrated it
     return rows
 
 
@@ -127,8 +129,11 @@ def markdown(state: dict, title: str) -> str:
     body = [f"| {r['config']}{'*' if r['simulated'] else ''} | {r['perplexity']:.3f} | {r['delta_ppl']:+.3f} | "
             f"{r['delta_ppl_pct']:+.2f}% | "
             f"{r['kl']:.5f} | {100 * r['top1_agreement']:.2f}% | {r['bits_per_weight']:.2f} | "
-            f"{(r['model_bytes'] or 0) / 1e6:.1f} | {r['quantize_seconds']:.1f} | {r['peak_memory_bytes'] / 1e6:.0f} | "
-            f"{r['windows']} |" for r in rows]
+            f"{(r['model_bytes'] or 0) / 1e6:.1f} | {r['quantize_seconds']:.1f}{'†' if r['calibrated_on'] else ''} | "
+            f"{r['peak_memory_bytes'] / 1e6:.0f} | {r['windows']} |" for r in rows]
+    elsewhere = sorted({r["calibrated_on"] for r in rows if r["calibrated_on"]})
+    foot = [f"† calibrated on {', '.join(elsewhere)} and scored here: quantize s and peak MB are that machine's "
+            "(peak GPU memory on a GPU)."] if elsewhere else []
     meta = [f"- {k}: {state[k]}" for k in ("model", "text", "seqlen", "calibration", "machine", "date") if k in state]
     cmds = state.get("commands") or ([state["command"]] if "command" in state else [])
     if cmds:   # no empty "command:" line for states made without one
@@ -138,7 +143,7 @@ def markdown(state: dict, title: str) -> str:
                       "Bits/weight: stored bytes of the quantized Linears (codes, scales, zeros) × 8 per weight; "
                       "the base counts as fp16 (16); for simulated formats (held dequantized, marked *) the "
                       "packed size of the format. ΔPPL, KL and top-1 are against the base on the same windows.",
-                      "", *head, *body]) + "\n"
+                      "", *head, *body, *([""] + foot if foot else [])]) + "\n"
 
 
 def plot(state: dict, path: str | Path, title: str) -> None:
@@ -155,16 +160,19 @@ def plot(state: dict, path: str | Path, title: str) -> None:
         if r["config"] != "base":
             m = state["info"][r["config"]]["method"]
             kv = state["info"][r["config"]].get("kv_cache")
-            label = m["method"] + (f" g{m['group_size']}" if "group_size" in m else "") + (f" + KV {kv}" if kv else "")
+            gs = m.get("group_size")
+            label = (m["method"] + ("" if gs is None else " per-channel" if gs == -1 else f" g{gs}")
+                     + (" + LKD" if m.get("lkd_steps") else "") + (f" + KV {kv}" if kv else ""))
             by_method.setdefault(label, []).append((r["bits_per_weight"], r["perplexity"], r["config"]))
-    for label, pts in sorted(by_method.items()):
+    for k, (label, pts) in enumerate(sorted(by_method.items())):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="osD^vPX*"[k % 8], color=plt.cm.tab20(k % 20),
+                label=label)
     ax.axhline(base["perplexity"], color="k", ls="--", lw=1, label=f"base {base['perplexity']:.2f}")
     ax.set_xlabel("bits per weight (quantized Linears, incl. scales/zeros)")
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set_title(textwrap.fill(title, 70), fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

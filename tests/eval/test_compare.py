@@ -55,3 +55,18 @@ def test_seeded_rows_are_not_scored_again(small, tmp_path):
     second = compare.run(model, CANDS[:1], windows, calib, tmp_path / "c", "t", meta, progress=False, seed=seed)
     assert second["info"]["rtn-w4-g32"]["reused"] is True
     assert rows(second)["rtn-w4-g32"] == rows(first)["rtn-w4-g32"]
+
+
+def test_rows_calibrated_elsewhere_are_marked(small, tmp_path):
+    """A cached checkpoint calibrated on another machine (build_info's calibrated_on) keeps that machine's cost
+    figures, and the table marks them."""
+    model, windows, calib = small
+    cand = compare.Candidate("gptq-w4", "gptq", dict(bits=4, group_size=-1))
+    compare.build(model, cand, calib, cache=tmp_path / "models")
+    info_path = tmp_path / "models" / "gptq-w4" / "build_info.json"
+    info_path.write_text(json.dumps(dict(json.loads(info_path.read_text()), calibrated_on="GPU X")))
+    state = compare.run(model, [cand], windows[:1], calib, tmp_path, "t", {}, progress=False, cache_models=True)
+    md = compare.markdown(state, "t")
+    row = next(line for line in md.splitlines() if line.startswith("| gptq-w4 |"))
+    assert "†" in row and "† calibrated on GPU X" in md
+    assert "†" not in next(line for line in md.splitlines() if line.startswith("| base |"))
