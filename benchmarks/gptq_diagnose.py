@@ -170,16 +170,22 @@ def massive(base, tok, calib_path: str) -> list[dict]:
 def markdown(res: dict) -> str:
     """The report of one diagnosis result (as written to its JSON)."""
     L, S = res["layers"], res["stream"]
-    picked = res["test_windows"]
+    picked, total = res.get("test_windows"), res.get("total_windows")
+    if picked is None:      # reports made before the windows were recorded: the first --windows of the text
+        where = "the first test windows × 2048, see the command"
+    elif total is not None and picked == list(range(total)):
+        where = f"all {total} test windows × 2048"
+    else:
+        where = f"{len(picked)} test windows × 2048, windows {', '.join(map(str, picked))} of {total or '?'}"
     md = [f"# GPTQ vs RTN on SmolLM2: where the gain goes ({res['row']})", "",
-          f"- date {res['date']}; {res['machine']}", f"- command: `{res['command']}`", "",
+          f"- date {res['date']}; {res['machine']}", f"- command: `{res['command']}`",
+          *([f"- note: {res['note']}"] if res.get("note") else []), "",
           f"## 1. Per-layer output error on calibration rows (RTN: {res.get('calib_windows', 8)} windows, same walk)", "",
           "| layer | RTN | GPTQ | GPTQ / RTN |", "|---|---:|---:|---:|"]
     md += [f"| {k} | {a:.2e} | {b:.2e} | {b / a:.2f} |" for k, (a, b) in L["by_kind"].items()]
     md += ["", f"Median per-layer ratio {L['median_ratio']:.2f}; worst: " +
            ", ".join(f"{n} {r:.2f}" for r, n in L["worst"]), "",
-           f"## 2. Residual stream relative error and ΔNLL ({len(picked)} test windows × 2048, "
-           f"windows {', '.join(map(str, picked))} of {res.get('total_windows', '?')})", "",
+           f"## 2. Residual stream relative error and ΔNLL ({where})", "",
            "| model | " + " | ".join(f"after block {i} (pos 0 / 1-7 / rest)" for i in DEPTHS) + " | ΔNLL / token |",
            "|---|" + "---:|" * (len(DEPTHS) + 1)]
     models = [n for n in S if isinstance(S[n], dict) and "stream" in S[n]]
@@ -188,31 +194,32 @@ def markdown(res: dict) -> str:
         st = {int(k): v for k, v in r["stream"].items()}                       # JSON keeps the depths as strings
         cells = [f"{st[i]['pos0']:.3f} / {st[i]['pos1_7']:.3f} / {st[i]['rest']:.3f}" for i in DEPTHS]
         md.append(f"| {name} | " + " | ".join(cells) + f" | {r['delta_nll']:+.3f} |")
-    md += ["", "## 3. ΔNLL = KL(base ‖ model) + calibration term, and temperature (same windows)", "",
-           "The calibration term Σ_v (t_v - p_v)(log p_v - log q_v) (t: one-hot of the next token, p: base, q: model)",
-           "is the part of ΔNLL that comes from the direction of the change rather than its size; it averages to 0",
-           "only where the base is calibrated on this text.", "",
-           "| model | ΔNLL / token | KL(base ‖ model) | calibration term | entropy change | best T | "
-           "ΔNLL, each at its best T |", "|---|---:|---:|---:|---:|---:|---:|"]
-    md += [f"| {n} | {S[n]['delta_nll']:+.4f} | {S[n]['kl']:.4f} | {S[n]['calibration_term']:+.4f} | "
-           f"{S[n]['entropy_change']:+.4f} | {S[n]['best_temperature']} | "
-           f"{S[n]['delta_nll_at_best_temperatures']:+.4f} |" for n in models]
-    md += ["", "NLL per token against logit temperature T:", "",
-           "| model | " + " | ".join(f"T={t}" for t in TEMPS) + " |", "|---|" + "---:|" * len(TEMPS),
-           "| base | " + " | ".join(f"{v:.4f}" for v in S["base_nll_by_temperature"].values()) + " |"]
-    md += [f"| {n} | " + " | ".join(f"{v:.4f}" for v in S[n]["nll_by_temperature"].values()) + " |" for n in models]
-    md += ["", "NLL per token with the output mixed with the uniform distribution, (1 - ε) q + ε / V:", "",
-           "| model | " + " | ".join(f"ε={e:g}" for e in MIX) + " |", "|---|" + "---:|" * len(MIX),
-           "| base | " + " | ".join(f"{v:.4f}" for v in S["base_nll_mixed_with_uniform"].values()) + " |"]
-    md += [f"| {n} | " + " | ".join(f"{v:.4f}" for v in S[n]["nll_mixed_with_uniform"].values()) + " |"
-           for n in models]
-    edges = ("0",) + tuple(f"{e:g}" for e in P_EDGES) + ("1",)
-    cols = [f"p in [{a}, {b})" for a, b in zip(edges, edges[1:])]
-    md += ["", "ΔNLL per token by the base's probability p of the actual next token (each bucket's contribution "
-           "to the mean; the buckets sum to ΔNLL):", "",
-           "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols),
-           "| share of tokens | " + " | ".join(f"{100 * v:.1f}%" for v in S["token_share_by_base_p"]) + " |"]
-    md += [f"| {n} | " + " | ".join(f"{v:+.4f}" for v in S[n]["delta_nll_by_base_p"]) + " |" for n in models]
+    if "base_nll_by_temperature" in S:   # reports made before section 3 existed lack it
+        md += ["", "## 3. ΔNLL = KL(base ‖ model) + calibration term, and temperature (same windows)", "",
+               "The calibration term Σ_v (t_v - p_v)(log p_v - log q_v) (t: one-hot of the next token, p: base, q: model)",
+               "is the part of ΔNLL that comes from the direction of the change rather than its size; it averages to 0",
+               "only where the base is calibrated on this text.", "",
+               "| model | ΔNLL / token | KL(base ‖ model) | calibration term | entropy change | best T | "
+               "ΔNLL, each at its best T |", "|---|---:|---:|---:|---:|---:|---:|"]
+        md += [f"| {n} | {S[n]['delta_nll']:+.4f} | {S[n]['kl']:.4f} | {S[n]['calibration_term']:+.4f} | "
+               f"{S[n]['entropy_change']:+.4f} | {S[n]['best_temperature']} | "
+               f"{S[n]['delta_nll_at_best_temperatures']:+.4f} |" for n in models]
+        md += ["", "NLL per token against logit temperature T:", "",
+               "| model | " + " | ".join(f"T={t}" for t in TEMPS) + " |", "|---|" + "---:|" * len(TEMPS),
+               "| base | " + " | ".join(f"{v:.4f}" for v in S["base_nll_by_temperature"].values()) + " |"]
+        md += [f"| {n} | " + " | ".join(f"{v:.4f}" for v in S[n]["nll_by_temperature"].values()) + " |" for n in models]
+        md += ["", "NLL per token with the output mixed with the uniform distribution, (1 - ε) q + ε / V:", "",
+               "| model | " + " | ".join(f"ε={e:g}" for e in MIX) + " |", "|---|" + "---:|" * len(MIX),
+               "| base | " + " | ".join(f"{v:.4f}" for v in S["base_nll_mixed_with_uniform"].values()) + " |"]
+        md += [f"| {n} | " + " | ".join(f"{v:.4f}" for v in S[n]["nll_mixed_with_uniform"].values()) + " |"
+               for n in models]
+        edges = ("0",) + tuple(f"{e:g}" for e in P_EDGES) + ("1",)
+        cols = [f"p in [{a}, {b})" for a, b in zip(edges, edges[1:])]
+        md += ["", "ΔNLL per token by the base's probability p of the actual next token (each bucket's contribution "
+               "to the mean; the buckets sum to ΔNLL):", "",
+               "| | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols),
+               "| share of tokens | " + " | ".join(f"{100 * v:.1f}%" for v in S["token_share_by_base_p"]) + " |"]
+        md += [f"| {n} | " + " | ".join(f"{v:+.4f}" for v in S[n]["delta_nll_by_base_p"]) + " |" for n in models]
     md += ["", "## 4. Massive activations at down_proj inputs (2 calibration windows)", "",
            "| block | max / mean Hessian diagonal | max abs x | tokens with abs x > 100 |", "|---:|---:|---:|---:|"]
     md += [f"| {r['block']} | {r['max_over_mean_diag']:.0f} | {r['max_abs_x']:.1f} | {r['tokens_abs_x_gt_100']} |"

@@ -106,9 +106,13 @@ def unpack(pack_dir: Path, dest: Path, model_path: str | None) -> None:
             if name == "build_info.json":
                 obj = dict(obj, calibrated_on=meta["machine"])
             (tmp / name).write_text(json.dumps(obj, indent=2))
-        if dest.exists():
-            shutil.rmtree(dest)
+        old = None
+        if dest.exists():   # moved aside first, so that dest is always a whole checkpoint or absent
+            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
+            os.replace(dest, old / "x")
         os.replace(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
