@@ -180,7 +180,8 @@ def markdown(res: dict) -> str:
     md = [f"# GPTQ vs RTN on SmolLM2: where the gain goes ({res['row']})", "",
           f"- date {res['date']}; {res['machine']}", f"- command: `{res['command']}`",
           *([f"- note: {res['note']}"] if res.get("note") else []), "",
-          f"## 1. Per-layer output error on calibration rows (RTN: {res.get('calib_windows', 8)} windows, same walk)", "",
+          f"## 1. Per-layer output error on calibration rows (RTN: {res.get('calib_windows', 8)} windows, "
+          "same walk)", "",
           "| layer | RTN | GPTQ | GPTQ / RTN |", "|---|---:|---:|---:|"]
     md += [f"| {k} | {a:.2e} | {b:.2e} | {b / a:.2f} |" for k, (a, b) in L["by_kind"].items()]
     md += ["", f"Median per-layer ratio {L['median_ratio']:.2f}; worst: " +
@@ -196,8 +197,9 @@ def markdown(res: dict) -> str:
         md.append(f"| {name} | " + " | ".join(cells) + f" | {r['delta_nll']:+.3f} |")
     if "base_nll_by_temperature" in S:   # reports made before section 3 existed lack it
         md += ["", "## 3. ΔNLL = KL(base ‖ model) + calibration term, and temperature (same windows)", "",
-               "The calibration term Σ_v (t_v - p_v)(log p_v - log q_v) (t: one-hot of the next token, p: base, q: model)",
-               "is the part of ΔNLL that comes from the direction of the change rather than its size; it averages to 0",
+               "The calibration term Σ_v (t_v - p_v)(log p_v - log q_v) (t: one-hot of the next token, p: base, "
+               "q: model)\nis the part of ΔNLL that comes from the direction of the change rather than its size; "
+               "it averages to 0",
                "only where the base is calibrated on this text.", "",
                "| model | ΔNLL / token | KL(base ‖ model) | calibration term | entropy change | best T | "
                "ΔNLL, each at its best T |", "|---|---:|---:|---:|---:|---:|---:|"]

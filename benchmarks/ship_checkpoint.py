@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
+
+from lowbit.atomic import atomic_dir
 
 MIB = 1 << 20
 
@@ -71,7 +70,8 @@ def pack(ckpt: Path, out: Path, model_path: str | None, shard_mib: float) -> Non
         names.append(f"shard{i}.safetensors")
         save_file(shard, str(out / names[-1]), metadata={"format": "pt"})
     meta = {"json": {p.name: json.loads(p.read_text()) for p in sorted(ckpt.glob("*.json"))},
-            "shards": names, "shard_sha256": [hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names], "left_out_sha256": left_out, "machine": _machine()}
+            "shards": names, "shard_sha256": [hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names],
+            "left_out_sha256": left_out, "machine": _machine()}
     (out / "pack.json").write_text(json.dumps(meta))
     print(f"packed {len(tensors) - len(left_out)} tensors in {len(names)} shards; {len(left_out)} left out "
           f"(bit-identical to the base's)")
@@ -98,24 +98,12 @@ def unpack(pack_dir: Path, dest: Path, model_path: str | None) -> None:
             sys.exit(f"error: {meta_path}: tensor {k} of the base model here differs from the one it was packed "
                      f"against (another model file?)")
         tensors[k] = base[k]
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    with atomic_dir(dest) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, obj in meta["json"].items():
             if name == "build_info.json":
                 obj = dict(obj, calibrated_on=meta["machine"])
             (tmp / name).write_text(json.dumps(obj, indent=2))
-        old = None
-        if dest.exists():   # moved aside first, so that dest is always a whole checkpoint or absent
-            old = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.old-"))
-            os.replace(dest, old / "x")
-        os.replace(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {dest} ({len(tensors)} tensors; calibrated on {meta['machine']})")
 
 

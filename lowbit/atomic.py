@@ -1,10 +1,13 @@
-"""Atomic file writes: a temporary file in the same folder, then a rename, so no half-written output is seen."""
+"""Atomic writes: a temporary file or folder beside the target, then a rename, so no half-written output is seen."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -24,3 +27,24 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 def write_json_atomic(path: str | Path, obj) -> None:
     """`obj` as indented JSON, written atomically."""
     write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A temporary folder beside `path` to fill; on success it replaces `path` (an existing one is moved aside
+    first, so `path` is always whole or absent), on any error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
+            os.replace(path, old / "x")
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

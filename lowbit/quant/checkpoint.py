@@ -12,14 +12,12 @@ directory that looks complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lowbit.atomic import atomic_dir
 from lowbit.errors import LowbitError
 
 FORMAT = "lowbit"
@@ -49,13 +47,11 @@ def save_quantized(model, tokenizer, out: str | Path, method: dict, calibration:
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"-o {out}: already exists (pass --force to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
     qcfg = {"format": FORMAT, "format_version": FORMAT_VERSION, "lowbit_version": __version__,
             "method": method, "calibration": calibration, "dtype": str(model.dtype).removeprefix("torch."),
             "kv_cache": kv_cache,
             "modules": quantized_modules(model)}
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_dir(out) as tmp:
         hf = model.config.to_hf()
         hf["quantization_config"] = {"quant_method": FORMAT, "format_version": FORMAT_VERSION,
                                      "method": method.get("method")}
@@ -66,16 +62,6 @@ def save_quantized(model, tokenizer, out: str | Path, method: dict, calibration:
         save_file(_tensors(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        if out.exists():
-            old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
