@@ -227,9 +227,16 @@ def main() -> None:
         print(f"wrote {out}/compare.md, compare.json, compare.png")
         return
 
+    from lowbit.errors import LowbitError
     from lowbit.eval import compare
     from lowbit.eval.text import eval_windows, read_text, tokenize_text
-    from lowbit.models.loader import load
+    from lowbit.models.loader import check_device, load
+
+    if args.device:
+        try:
+            check_device(args.device)
+        except LowbitError as e:
+            sys.exit(f"error: {e}")
     from lowbit.quant.api import calibration_windows
     from lowbit.quant.registry import get_method
 

@@ -73,6 +73,13 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtyp
     return model.eval()
 
 
+def check_device(device: str) -> str:
+    """`device` itself, or a one-line LowbitError naming --device when this machine cannot run on it."""
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise LowbitError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__} finds none)")
+    return device
+
+
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
          tokenizer: bool = True, verbose: bool = False, kv_cache: str | None = None):
     """Load a model: a Hugging Face directory, a GGUF file, or None for the default SmolLM2-135M-Instruct.
@@ -83,6 +90,7 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", devi
     from lowbit.quant.checkpoint_hook import load_quantized_if_any  # quantized dirs, when present
 
     t0 = time.perf_counter()
+    check_device(device)
     path = default_model_path() if path is None else Path(path)
     torch_dtype = resolve_dtype(dtype)
     if not path.exists():

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from lowbit.models.loader import check_device
 from lowbit.models.names import layout_of
 from lowbit.quant.registry import Method
 
@@ -310,7 +311,7 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
     if method.needs_calibration and windows is None:
         raise LowbitError(f"--method {method.name} needs calibration data: pass --calib FILE")
     layout = layout_of(model)
-    device = device or str(model.device)
+    device = check_device(device or str(model.device))
     blocks = model.get_submodule(layout.blocks)
     report = QuantReport(method=method.describe())
     t0 = time.perf_counter()

@@ -154,3 +154,13 @@ def test_cli_prints_one_line_error(tmp_path, capsys):
     assert main(["eval", str(p), "--text", str(p)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "bad.gguf" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a CUDA GPU")
+def test_cuda_device_without_gpu_is_a_one_line_error(smollm2, default_path):
+    from lowbit.quant.api import quantize
+    with pytest.raises(LowbitError, match="--device cuda: this machine has no CUDA GPU"):
+        load(default_path, device="cuda")
+    with pytest.raises(LowbitError, match="--device cuda:0: this machine has no CUDA GPU") as e:
+        quantize(smollm2[0], "rtn", None, device="cuda:0", bits=4)
+    _one_line(e)
