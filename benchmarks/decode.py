@@ -21,6 +21,7 @@ from ceilings import copy_bandwidth, machine, write_results
 from lowbit.config import SamplingParams
 from lowbit.engine import Engine
 from lowbit.engine.paged_cache import kv_bytes_per_token
+from lowbit.models.arch import config_to_hf
 from lowbit.models.shapes import random_llama
 
 FORMATS = {  # name -> rtn options (None: bf16 as is)
@@ -34,7 +35,7 @@ def weight_bytes_per_token(model) -> int:
     """Bytes a decode step reads from weights: every Linear in the layout its kernel reads (the packed
     copy for WkA16; all buffers where the reference path runs), norms, and one embedding row."""
     from lowbit.models.llama import RMSNorm
-    from lowbit.quant.layers import WeightOnlyLinear
+    from lowbit.layers import WeightOnlyLinear
     total = 0
     for mod in model.modules():
         if isinstance(mod, WeightOnlyLinear):
@@ -99,7 +100,7 @@ def step_profile(eng) -> dict:
 def hf_model(model):
     import transformers
     cfg = model.config
-    hcfg = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ('model_type', 'architectures')})
+    hcfg = transformers.LlamaConfig(**{k: v for k, v in config_to_hf(cfg).items() if k not in ('model_type', 'architectures')})
     with torch.device("cuda"):
         hf = transformers.LlamaForCausalLM(hcfg).to(model.dtype)
     missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)

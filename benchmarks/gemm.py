@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from ceilings import ceilings, cuda_time, git_rev, machine, write_results
 from lowbit.kernels import kernels_disabled
-from lowbit.quant.layers import FP8Linear, Int8Linear, WeightOnlyLinear
-from lowbit.quant.primitives import QuantSpec
+from lowbit.layers import FP8Linear, Int8Linear, WeightOnlyLinear
+from lowbit.kernels.primitives import QuantSpec
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096),  # name: (N = out, K = in)
           "down 4096x14336": (4096, 14336), "k/v 1024x4096": (1024, 4096)}

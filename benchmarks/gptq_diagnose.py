@@ -246,7 +246,7 @@ def main() -> None:
         write_text_atomic(Path(args.out).with_suffix(".md"), markdown(json.loads(src.read_text())))
         return
 
-    from lowbit.eval.text import eval_windows, read_text, tokenize_text
+    from lowbit.text import eval_windows, read_text, tokenize_text
     from lowbit.models.loader import load
     from lowbit.quant.api import quantize
 

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from ceilings import ceilings, copy_bandwidth, cuda_time, machine, write_results
-from lowbit.engine.paged_attention import paged_attention
+from lowbit.kernels.paged_attention_ref import paged_attention
 from lowbit.kernels.paged_attention import auto_num_splits, paged_decode_attention
-from lowbit.quant.kv_quant import KVQuant
+from lowbit.layers.kv_quant import KVQuant
 
 H, N_KV, HD, BS = 32, 8, 128, 16
 KV_KINDS = ("bf16", "int8", "fp8")
@@ -133,7 +133,7 @@ def bench_case(B: int, S: int, copy_Bps: float, iters: int, g: torch.Generator) 
 
 
 def bench_reference(B: int, S: int, iters: int, g: torch.Generator) -> dict:
-    """The PyTorch gather path (lowbit.engine.paged_attention) on one small case, for scale."""
+    """The PyTorch gather path (lowbit.kernels.paged_attention_ref) on one small case, for scale."""
     q, k, v = contiguous_cache(B, S, g)
     perm = torch.randperm(B * S // BS, device="cuda", generator=g)
     kp, vp = to_pool(k, perm), to_pool(v, perm)

@@ -220,7 +220,7 @@ def main() -> None:
         state_path = Path(out) / "state.json"
         if not state_path.is_file():
             sys.exit(f"error: --report-only: {state_path} does not exist (run the table first)")
-        from lowbit.eval.compare import take_over
+        from lowbit.compare import take_over
         state = json.loads(state_path.read_text())
         take_over(state, same_config_rows(SETS[args.set], reuse, state["seqlen"], state["text"]))
         write_report(state, out, args.set)
@@ -228,9 +228,10 @@ def main() -> None:
         return
 
     from lowbit.errors import LowbitError
-    from lowbit.eval import compare
-    from lowbit.eval.text import eval_windows, read_text, tokenize_text
-    from lowbit.models.loader import check_device, load
+    from lowbit import compare
+    from lowbit.text import eval_windows, read_text, tokenize_text
+    from lowbit.device import check_device
+    from lowbit.models.loader import load
 
     if args.device:
         try:
@@ -258,7 +259,7 @@ def main() -> None:
             "date": datetime.date.today().isoformat(), "command": "python " + " ".join(sys.argv)}
     if any(c.kv_cache for c in cands):
         from lowbit.analysis.memory import kv_cache_bytes_per_token
-        from lowbit.quant.kv_quant import KVQuant
+        from lowbit.layers.kv_quant import KVQuant
         c = base.config
         meta["kv_bytes_per_token"] = {"fp16": kv_cache_bytes_per_token(c, 2), **{
             fmt: KVQuant(fmt).bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim) for fmt in ("int8", "fp8")}}
@@ -272,7 +273,7 @@ def main() -> None:
 
 def write_report(state: dict, out: str | Path, set_name: str) -> None:
     """compare.{md,json,png} from the state: the table, then (methods set) the targets and the paper's row."""
-    from lowbit.eval import compare
+    from lowbit import compare
 
     extra, md = {}, ""
     if set_name == "methods":

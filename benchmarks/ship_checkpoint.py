@@ -51,8 +51,10 @@ def pack(ckpt: Path, out: Path, model_path: str | None, shard_mib: float) -> Non
 
     tensors = load_file(str(ckpt / "model.safetensors"))
     base = _base_tensors(model_path)
+    # the base's tensor in the dtype it was saved in (16-bit for tensors the method left alone)
     left_out = {k: _sha(v) for k, v in tensors.items()
-                if k in base and base[k].dtype == v.dtype and torch.equal(base[k], v)}
+                if k in base and torch.equal(base[k].to(v.dtype), v)}
+    left_dtype = {k: str(tensors[k].dtype).removeprefix("torch.") for k in left_out}
     shards, cur, size = [], {}, 0
     for k, v in tensors.items():
         if k in left_out:
@@ -71,7 +73,7 @@ def pack(ckpt: Path, out: Path, model_path: str | None, shard_mib: float) -> Non
         save_file(shard, str(out / names[-1]), metadata={"format": "pt"})
     meta = {"json": {p.name: json.loads(p.read_text()) for p in sorted(ckpt.glob("*.json"))},
             "shards": names, "shard_sha256": [hashlib.sha256((out / n).read_bytes()).hexdigest() for n in names],
-            "left_out_sha256": left_out, "machine": _machine()}
+            "left_out_sha256": left_out, "left_out_dtype": left_dtype, "machine": _machine()}
     (out / "pack.json").write_text(json.dumps(meta))
     print(f"packed {len(tensors) - len(left_out)} tensors in {len(names)} shards; {len(left_out)} left out "
           f"(bit-identical to the base's)")
@@ -93,7 +95,10 @@ def unpack(pack_dir: Path, dest: Path, model_path: str | None) -> None:
             sys.exit(f"error: {pack_dir / name}: sha256 differs from pack.json's (a broken transfer?)")
         tensors.update(load_file(str(pack_dir / name)))
     base = _base_tensors(model_path)
+    dtypes = meta.get("left_out_dtype", {})
     for k, sha in meta["left_out_sha256"].items():
+        if k in base and k in dtypes:
+            base[k] = base[k].to(getattr(torch, dtypes[k]))
         if k not in base or _sha(base[k]) != sha:
             sys.exit(f"error: {meta_path}: tensor {k} of the base model here differs from the one it was packed "
                      f"against (another model file?)")

@@ -24,8 +24,8 @@ import triton.language as tl
 
 from ceilings import copy_bandwidth, cuda_time, machine, write_results
 from lowbit.kernels.wq_gemm import _block_k, _k_range, plan, plan_gemv, repack, wq_linear
-from lowbit.quant.layers import WeightOnlyLinear
-from lowbit.quant.primitives import QuantSpec
+from lowbit.layers import WeightOnlyLinear
+from lowbit.kernels.primitives import QuantSpec
 
 SHAPES = {"q/o 4096x4096": (4096, 4096), "gate/up 14336x4096": (14336, 4096),
           "down 4096x14336": (4096, 14336), "k/v 1024x4096": (1024, 4096)}

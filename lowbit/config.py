@@ -1,22 +1,61 @@
 """Configuration dataclasses shared across lowbit."""
 from __future__ import annotations
 
-import json
+import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from lowbit.errors import LowbitError
 
-# HF `model_type` values our Llama-family decoder runs unchanged.
-LLAMA_FAMILY = ("llama", "mistral", "qwen2", "smollm2")
+# Upper bounds well above any real model (Llama-3-405B: d 16384, 126 layers, 128 heads, vocab 128k; Gemma-3:
+# vocab 262k, head_dim 256; contexts of 10M tokens): a value past them is a corrupt file, not a model.
+_INT_LIMITS = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 19,
+               "num_layers": 1024, "num_heads": 1024, "num_kv_heads": 1024, "max_position_embeddings": 1 << 27}
+_MAX_HEAD_DIM = 1024
+_ROPE_TYPES = ("linear", "dynamic", "llama3", "yarn")
+
+
+def _check_int(name: str, v: Any, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise LowbitError(f"config: {name} must be an integer, got {v!r}")
+    if not lo <= v <= hi:
+        raise LowbitError(f"config: {name} = {v} is outside the plausible range [{lo}, {hi}]")
+    return v
+
+
+def _check_float(name: str, v: Any, lo: float, hi: float) -> float:
+    """A finite number in (lo, hi], as a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo < v <= hi:
+        raise LowbitError(f"config: {name} must be a finite number in ({lo:g}, {hi:g}], got {v!r}")
+    return float(v)
+
+
+def _check_rope_scaling(r: Any) -> dict[str, Any] | None:
+    if r is None:
+        return None
+    if not isinstance(r, dict):
+        raise LowbitError(f"config: rope_scaling must be an object or null, got {type(r).__name__}")
+    kind = r.get("rope_type", r.get("type"))
+    if kind not in _ROPE_TYPES:
+        raise LowbitError(f"config: rope_scaling type {kind!r} is not supported (supported: {', '.join(_ROPE_TYPES)})")
+    if kind != "dynamic" or "factor" in r:
+        _check_float("rope_scaling.factor", r.get("factor"), 0.0, 1e4)
+    for k in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"):
+        if r.get(k) is not None:
+            _check_float(f"rope_scaling.{k}", r[k], 0.0, 1e6)
+    if kind == "llama3" and r.get("low_freq_factor", 1.0) >= r.get("high_freq_factor", 4.0):
+        raise LowbitError("config: rope_scaling.low_freq_factor must be below high_freq_factor")
+    if r.get("original_max_position_embeddings") is not None:
+        _check_int("rope_scaling.original_max_position_embeddings", r["original_max_position_embeddings"], 1,
+                   _INT_LIMITS["max_position_embeddings"])
+    return r
 
 
 @dataclass
 class ModelConfig:
     """Architecture hyper-parameters of a decoder-only transformer (HF config.json names in comments)."""
 
-    arch: str = "llama"                 # model_type
+    arch: str = "llama"                 # architecture record (lowbit.models.arch), e.g. llama, qwen2
     vocab_size: int = 32000
     hidden_size: int = 4096             # d
     intermediate_size: int = 11008      # SwiGLU inner width
@@ -30,104 +69,55 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False        # q/k/v biases (Qwen2; Llama's attention_bias)
-    attention_out_bias: bool = False    # o_proj bias (Llama's attention_bias covers it, Qwen2's does not)
+    attention_out_bias: bool | None = None  # o_proj bias; None: as attention_bias (Llama's rule; Qwen2's
+                                            # record sets False)
     mlp_bias: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     name: str = ""
 
     def __post_init__(self) -> None:
-        if self.head_dim <= 0:
+        self._validate()
+
+    def _validate(self) -> None:
+        """Types, ranges and plausibility of every field, before anything is built from them: a corrupt
+        config (2^32 layers, a NaN epsilon, heads that do not divide the width) is an error here."""
+        if not isinstance(self.arch, str) or not self.arch:
+            raise LowbitError(f"config: arch must be a non-empty string, got {self.arch!r}")
+        for f, hi in _INT_LIMITS.items():
+            _check_int(f, getattr(self, f), 1, hi)
+        _check_int("head_dim", self.head_dim, 0, _MAX_HEAD_DIM)
+        if self.num_kv_heads > self.num_heads or self.num_heads % self.num_kv_heads:
+            raise LowbitError(
+                f"config: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
                 raise LowbitError(
                     f"config: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
             self.head_dim = self.hidden_size // self.num_heads
-        if self.num_heads % self.num_kv_heads:
-            raise LowbitError(
-                f"config: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+            _check_int("head_dim", self.head_dim, 1, _MAX_HEAD_DIM)
+        if self.head_dim % 2:
+            raise LowbitError(f"config: head_dim must be even (RoPE rotates pairs), got {self.head_dim}")
+        self.rms_norm_eps = _check_float("rms_norm_eps", self.rms_norm_eps, 0.0, 1.0)
+        self.rope_theta = _check_float("rope_theta", self.rope_theta, 0.0, 1e12)
+        self.rope_scaling = _check_rope_scaling(self.rope_scaling)
+        if self.attention_out_bias is None:
+            self.attention_out_bias = self.attention_bias
+        for f in ("tie_word_embeddings", "attention_bias", "attention_out_bias", "mlp_bias"):
+            if not isinstance(getattr(self, f), bool):
+                raise LowbitError(f"config: {f} must be true or false, got {getattr(self, f)!r}")
+        if self.bos_token_id is not None:
+            _check_int("bos_token_id", self.bos_token_id, 0, 2**31 - 1)
+        eos = self.eos_token_id
+        for e in ([] if eos is None else eos if isinstance(eos, list) else [eos]):
+            _check_int("eos_token_id", e, 0, 2**31 - 1)
+        if not isinstance(self.name, str):
+            raise LowbitError(f"config: name must be a string, got {self.name!r}")
 
     @property
     def eos_ids(self) -> list[int]:
         e = self.eos_token_id
         return [] if e is None else ([e] if isinstance(e, int) else list(e))
-
-    @classmethod
-    def from_hf(cls, cfg: dict[str, Any], name: str = "") -> "ModelConfig":
-        """Build from a Hugging Face config.json dict."""
-        arch = cfg.get("model_type", "llama")
-        if arch not in LLAMA_FAMILY:
-            raise LowbitError(
-                f"{name or 'config'}: unsupported architecture model_type={arch!r} "
-                f"(supported: {', '.join(LLAMA_FAMILY)})")
-        # transformers >= 5 writes rope settings as `rope_parameters` (theta inside), older as rope_scaling.
-        rope = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
-        theta = cfg.get("rope_theta", rope.pop("rope_theta", 10000.0))
-        rope.pop("rope_theta", None)
-        if rope.get("rope_type", rope.get("type", "default")) == "default":
-            rope = {}
-        qkv_bias = cfg.get("attention_bias", arch == "qwen2")  # Qwen2 has q/k/v biases without saying so
-        try:
-            n_heads = cfg["num_attention_heads"]
-            return cls(
-                arch=arch,
-                vocab_size=cfg["vocab_size"],
-                hidden_size=cfg["hidden_size"],
-                intermediate_size=cfg["intermediate_size"],
-                num_layers=cfg["num_hidden_layers"],
-                num_heads=n_heads,
-                num_kv_heads=cfg.get("num_key_value_heads") or n_heads,
-                head_dim=cfg.get("head_dim") or 0,
-                rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-                rope_theta=float(theta),
-                rope_scaling=rope or None,
-                max_position_embeddings=cfg.get("max_position_embeddings", 2048),
-                tie_word_embeddings=cfg.get("tie_word_embeddings", False),
-                attention_bias=qkv_bias,
-                attention_out_bias=qkv_bias and arch != "qwen2",
-                mlp_bias=cfg.get("mlp_bias", False),
-                bos_token_id=cfg.get("bos_token_id"),
-                eos_token_id=cfg.get("eos_token_id"),
-                name=name,
-            )
-        except KeyError as e:
-            raise LowbitError(f"{name or 'config'}: missing required key {e.args[0]!r}") from None
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise LowbitError(f"{path}: config file not found")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise LowbitError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        return cls.from_hf(cfg, name=str(path.parent.name if path.name == "config.json" else path.stem))
-
-    def to_hf(self) -> dict[str, Any]:
-        """The config.json dict transformers expects for this architecture."""
-        d = {
-            "model_type": "llama" if self.arch == "smollm2" else self.arch,
-            "architectures": [{"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                               "qwen2": "Qwen2ForCausalLM"}.get(self.arch, "LlamaForCausalLM")],
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_heads,
-            "num_key_value_heads": self.num_kv_heads,
-            "head_dim": self.head_dim,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": self.rope_scaling,
-            "max_position_embeddings": self.max_position_embeddings,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "attention_bias": self.attention_bias,
-            "mlp_bias": self.mlp_bias,
-            "hidden_act": "silu",
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-        }
-        return d
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

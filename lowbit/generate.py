@@ -7,7 +7,7 @@ prompt alone would (up to floating-point summation order).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -15,15 +15,7 @@ import torch
 from lowbit.config import SamplingParams
 from lowbit.errors import LowbitError
 from lowbit.sampling import sample
-from lowbit.stopping import append_token, eos_ids, final_text, text_decoder
-
-
-@dataclass
-class GenerationOutput:
-    prompt_ids: list[int]
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None     # "eos" | "stop" | "length"
+from lowbit.stopping import GenerationOutput, append_token, eos_ids, final_text, text_decoder
 
 
 @dataclass

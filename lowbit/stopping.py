@@ -2,9 +2,19 @@
 (`lowbit.generate`, the engine, speculative decoding), so they finish on the same token."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Callable
 
 from lowbit.config import SamplingParams
+
+
+@dataclass
+class GenerationOutput:
+    """One finished sequence: its prompt, generated ids, text and why it ended."""
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None     # "eos" | "stop" | "length"
 
 
 def eos_ids(cfg, tok, params: SamplingParams) -> frozenset[int]:

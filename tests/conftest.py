@@ -54,7 +54,7 @@ def hf_smollm2(default_path):
 @pytest.fixture(scope="session")
 def wiki_ids(smollm2):
     """WikiText-2 test tokens (first 100k characters are plenty for tests)."""
-    from lowbit.eval.text import read_text, tokenize_text
+    from lowbit.text import read_text, tokenize_text
     return tokenize_text(smollm2[1], read_text(WIKI_TEST)[:100_000])
 
 

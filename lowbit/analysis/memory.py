@@ -48,9 +48,7 @@ def block_linears(cfg: ModelConfig) -> list[Linear]:
     """The seven projections of ONE decoder layer, in forward order."""
     d, hd = cfg.hidden_size, cfg.head_dim
     q_out, kv_out = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    qkv_bias = cfg.attention_bias
-    # HF Llama puts attention_bias on o_proj too; Qwen2 has q/k/v biases but a bias-free o_proj.
-    o_bias = cfg.attention_bias and cfg.arch != "qwen2"
+    qkv_bias, o_bias = cfg.attention_bias, cfg.attention_out_bias   # Qwen2: q/k/v biases, bias-free o_proj
     return [
         Linear("q_proj", d, q_out, qkv_bias),
         Linear("k_proj", d, kv_out, qkv_bias),

@@ -40,7 +40,7 @@ def _ints(s: str, flag: str) -> list[int]:
 
 def candidates(methods: list[str], bits: list[int], groups: list[int], sym: bool):
     """Every method × bits × group size that applies to the method (a method without bits: one run)."""
-    from lowbit.eval.compare import Candidate
+    from lowbit.compare import Candidate
     from lowbit.quant.registry import get_method, method_options
 
     out = []
@@ -65,8 +65,8 @@ def run(args) -> int:
     from pathlib import Path
 
     from lowbit.errors import LowbitError
-    from lowbit.eval import compare
-    from lowbit.eval.text import eval_windows, read_text, tokenize_text
+    from lowbit import compare
+    from lowbit.text import eval_windows, read_text, tokenize_text
     from lowbit.models.loader import load
     from lowbit.quant.api import calibration_windows
 

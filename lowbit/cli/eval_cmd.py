@@ -34,7 +34,7 @@ def run(args) -> int:
     from lowbit.errors import LowbitError
     from lowbit.eval.memory import model_bytes
     from lowbit.eval.perplexity import evaluate
-    from lowbit.eval.text import eval_windows, load_dataset_text, read_text, tokenize_text
+    from lowbit.text import eval_windows, load_dataset_text, read_text, tokenize_text
     from lowbit.models.loader import load
 
     if not args.text and not args.dataset:

@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
     p.add_argument("-o", "--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
+                   help="dtype of the tensors no method quantizes (embeddings, norms, an untied head; default fp16)")
     p.set_defaults(run=run)
 
 
@@ -70,7 +72,8 @@ def run(args) -> int:
     elif method.needs_calibration:
         raise LowbitError(f"--method {method_name} needs calibration data: pass --calib FILE")
     result = quantize(model, method, calib, device=args.device)
-    out = result.save(model, tok, args.out, overwrite=args.force, kv_cache=args.kv_cache)
+    out = result.save(model, tok, args.out, overwrite=args.force, kv_cache=args.kv_cache,
+                      save_dtype=args.save_dtype)
     result.print(console())
     console().print(f"saved {out}")
     return 0

@@ -2,7 +2,7 @@
 scheduler, model runner, the `Engine` / `LLM` API and speculative decoding (speculative.py)."""
 from lowbit.engine.block_manager import Append, BlockManager, MemoryStats, block_hash
 from lowbit.engine.llm import LLM, CompletionOutput, Engine, RequestOutput
-from lowbit.engine.paged_attention import paged_attention
+from lowbit.kernels.paged_attention_ref import paged_attention
 from lowbit.engine.paged_cache import (
     PagedBatchCache,
     PagedKVCache,

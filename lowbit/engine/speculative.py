@@ -23,7 +23,7 @@ import torch
 
 from lowbit.config import SamplingParams
 from lowbit.errors import LowbitError
-from lowbit.generate import GenerationOutput
+from lowbit.stopping import GenerationOutput
 from lowbit.sampling import filter_logits
 from lowbit.stopping import append_token, eos_ids, final_text, text_decoder
 

@@ -23,8 +23,8 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.int8_gemm import FLOAT_OUT, FROM_ROWMAX, ROW, ROWMAX_ONLY, STATIC, quant_rows, rescale
-from lowbit.quant.int8_matmul import scaled_mm_supported
-from lowbit.quant.primitives import fp8_dequantize
+from lowbit.kernels.int8_matmul import scaled_mm_supported
+from lowbit.kernels.primitives import fp8_dequantize
 
 E4M3_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 

@@ -1,7 +1,7 @@
 """W8A8 int8 on the GPU (Triton): per-token activation quantization, then an int8 x int8 -> int32 GEMM
 whose epilogue applies the scales (and bias) and writes the output dtype.
 
-The references stay the oracles (lowbit.quant.int8_matmul.quantize_act_int8, int8_mm, Int8Linear.forward)
+The references stay the oracles (lowbit.kernels.int8_matmul.quantize_act_int8, int8_mm, Int8Linear.forward)
 and the kernels reproduce them bit for bit, which is why some arithmetic looks roundabout:
   scales  absmax * fp32(1/127) on CUDA, absmax / 127 elsewhere: what torch itself computes for the
           reference's `tensor / 127` on each device (see quant_rows).
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from lowbit.errors import LowbitError
-from lowbit.quant.int8_matmul import INT32_SAFE_K, int8_mm
+from lowbit.kernels.int8_matmul import INT32_SAFE_K, int8_mm
 
 FLOAT_OUT = (torch.float16, torch.bfloat16, torch.float32)
 # _quant_rows_kernel modes

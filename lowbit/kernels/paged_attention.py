@@ -8,7 +8,7 @@ int8 / fp8 caches are dequantized in the kernel: codes are exact in bf16/fp16, s
 codes and the per-token scale multiplies the scores (K) or the probabilities (V) instead of every element.
 
 `decode_attention` dispatches: the kernel where `use_kernels(q)`, else the PyTorch reference
-`lowbit.engine.paged_attention.paged_attention` (the oracle), so everything works without a GPU.
+`lowbit.kernels.paged_attention_ref.paged_attention` (the oracle), so everything works without a GPU.
 """
 from __future__ import annotations
 
@@ -268,7 +268,7 @@ def _reference(q, k_pool, v_pool, block_tables, context_lens, scale, k_scale, v_
         k_pool = (k_pool[bt].float() * k_scale[bt]).flatten(0, 1)
         v_pool = (v_pool[bt].float() * v_scale[bt]).flatten(0, 1)
         block_tables = torch.arange(B * MB, device=bt.device).view(B, MB)   # [B, MB]
-    from lowbit.engine.paged_attention import paged_attention  # lazy: lowbit.engine imports the whole engine
+    from lowbit.kernels.paged_attention_ref import paged_attention  # lazy: lowbit.engine imports the whole engine
     out = paged_attention(q[:, :, None], k_pool, v_pool, block_tables, context_lens, scale)   # [B, H, 1, hd]
     return out[:, :, 0]                                                                       # [B, H, hd]
 

@@ -8,36 +8,8 @@ import torch
 
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError, first_line
+from lowbit.models.arch import arch_for_gguf, arch_of
 from lowbit.models.gguf_dequant import dequantize
-
-# GGUF tensor name (block index as {i}) -> Hugging Face name, per GGUF architecture.
-_LLAMA_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
-    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
-    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
-    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "blk.{i}.attn_output.bias": "model.layers.{i}.self_attn.o_proj.bias",
-    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
-}
-
-# GGUF general.architecture -> (HF model_type, name table, whether q/k rows were permuted by llama.cpp's
-# converter for its interleaved RoPE and must be permuted back for our half-split RoPE).
-GGUF_ARCHS = {
-    "llama": ("llama", _LLAMA_NAMES, True),
-    "mistral": ("mistral", _LLAMA_NAMES, True),
-    "qwen2": ("qwen2", _LLAMA_NAMES, False),
-}
-
 
 def open_gguf(path: str | Path):
     """A `gguf.GGUFReader` over `path`, or a one-line LowbitError saying why the file is not usable."""
@@ -66,9 +38,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
 def gguf_config(reader, path: str | Path) -> ModelConfig:
     """ModelConfig from GGUF metadata."""
     arch = _field(reader, "general.architecture")
-    if arch not in GGUF_ARCHS:
-        raise LowbitError(f"{path}: unsupported architecture {arch!r} (supported: {', '.join(GGUF_ARCHS)})")
-    model_type = GGUF_ARCHS[arch][0]
+    record = arch_for_gguf(arch, str(path))
 
     def need(key: str):
         v = _field(reader, f"{arch}.{key}")
@@ -92,7 +62,7 @@ def gguf_config(reader, path: str | Path) -> ModelConfig:
         if orig:
             scaling["original_max_position_embeddings"] = orig
     return ModelConfig(
-        arch=model_type,
+        arch=record.name,
         vocab_size=int(vocab),
         hidden_size=d,
         intermediate_size=need("feed_forward_length"),
@@ -120,25 +90,17 @@ def _unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, hd // 2, 2, inp).transpose(1, 2).reshape(out, inp)  # [H, 2, hd/2, in]
 
 
-def _hf_name(table: dict[str, str], gguf_name: str) -> str | None:
-    parts = gguf_name.split(".")
-    if parts[0] == "blk" and len(parts) > 2 and parts[1].isdigit():
-        key = ".".join(["blk", "{i}", *parts[2:]])
-        return table[key].format(i=parts[1]) if key in table else None
-    return table.get(gguf_name)
-
-
 def gguf_state_dict(reader, cfg: ModelConfig, path: str | Path, progress=None) -> dict[str, torch.Tensor]:
     """All tensors dequantized to float32 under Hugging Face names."""
-    arch = _field(reader, "general.architecture")
-    _, table, permuted = GGUF_ARCHS[arch]
+    record = arch_of(cfg)
+    permuted = record.gguf_qk_permuted
     sd = {}
     for t in reader.tensors:
-        name = _hf_name(table, t.name)
+        name = record.gguf_to_hf(t.name)
         if name is None:
-            if t.name.startswith("rope_freqs"):  # llama3 rope factors are recomputed from the config
+            if t.name.split(".")[0] in record.gguf_skip:
                 continue
-            raise LowbitError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}")
+            raise LowbitError(f"{path}: unexpected tensor {t.name!r} for architecture {record.gguf_arch!r}")
         shape = tuple(int(x) for x in reversed(t.shape))  # GGUF lists dims innermost first
         w = dequantize(t.data, t.tensor_type.name, shape, f"{path}: tensor {t.name}")
         if permuted and name.endswith("q_proj.weight"):

@@ -1,33 +1,43 @@
 """Read a Hugging Face model directory: config.json, safetensors shard(s), tokenizer files."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError, first_line
+from lowbit.files import field, read_json, regular_file
+from lowbit.models.arch import config_from_hf
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+def config_json(f: Path) -> ModelConfig:
+    """ModelConfig from a config.json file (any supported architecture), validated."""
+    name = f.parent.name if f.name == "config.json" else f.stem
+    return config_from_hf(read_json(f, "config file"), name=name, where=str(f))
+
+
 def hf_config(path: Path) -> ModelConfig:
-    return ModelConfig.from_json(path / "config.json")
+    return config_json(path / "config.json")
 
 
 def safetensors_files(path: Path) -> list[Path]:
     """The shards listed by model.safetensors.index.json, else every *.safetensors in the directory."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise LowbitError(f"{index}: malformed shard index ({type(e).__name__}: {e})") from None
-        files = [path / f for f in sorted(set(weight_map.values()))]
+        weight_map = field(read_json(index, "shard index"), "weight_map", dict, str(index))
+        names = set(weight_map.values())
+        bad = next((n for n in names if not isinstance(n, str) or Path(n).name != n or not n), None)
+        if bad is not None or not names:
+            raise LowbitError(f"{index}: field 'weight_map' must map tensor names to shard file names in this "
+                              f"directory, got {bad!r}")
+        files = [path / f for f in sorted(names)]
         for f in files:
-            if not f.is_file():
+            if not f.exists():
                 raise LowbitError(f"{index}: lists shard {f.name}, which is missing")
+            regular_file(f, "shard")
         return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -44,6 +54,7 @@ def read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
 
     sd: dict[str, torch.Tensor] = {}
     for f in files:
+        regular_file(f, "safetensors file")
         try:
             sd.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as e:

@@ -11,6 +11,7 @@ from torch import nn
 
 from lowbit.config import ModelConfig
 from lowbit.kernels import use_kernels
+from lowbit.models.arch import arch_of
 from lowbit.models.kv_cache import KVCache, QuantizedKVCache
 from lowbit.models.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
@@ -41,7 +42,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * self.hd, bias=b)
         self.v_proj = nn.Linear(d, self.n_kv * self.hd, bias=b)
         self.o_proj = nn.Linear(self.n_heads * self.hd, d, bias=cfg.attention_out_bias)
-        self.kv_quant = None  # a lowbit.quant.kv_quant.KVQuant when the KV cache is quantized
+        self.kv_quant = None  # a lowbit.layers.kv_quant.KVQuant when the KV cache is quantized
 
     def forward(self, x, cos, sin, cache: KVCache | None, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -131,6 +132,19 @@ class LlamaForCausalLM(nn.Module):
         inv_freq, self.rope_attn_scale = rope_inv_freq(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position_embeddings)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    @property
+    def arch(self):
+        """The architecture record (lowbit.models.arch.Arch): block layout, special modules, names."""
+        return arch_of(self.config)
+
+    def save_pretrained(self, out, tokenizer=None, *, method: dict, calibration: dict | None = None,
+                        report: dict | None = None, overwrite: bool = False, kv_cache: str | None = None,
+                        save_dtype: str | None = "fp16"):
+        """Write this (quantized) model as a lowbit checkpoint directory; `lowbit.load(out)` reads it back."""
+        from lowbit.models.checkpoint import save_quantized
+        return save_quantized(self, tokenizer, out, method, calibration, report, overwrite=overwrite,
+                              kv_cache=kv_cache, save_dtype=save_dtype)
 
     @property
     def kv_quant(self):

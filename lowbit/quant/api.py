@@ -24,7 +24,7 @@ class Calibration:
 
 def calibration_windows(tok, path: str | Path, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> Calibration:
     from lowbit.errors import LowbitError
-    from lowbit.eval.text import random_windows, read_text, tokenize_text
+    from lowbit.text import random_windows, read_text, tokenize_text
 
     if nsamples <= 0 or seqlen <= 1:
         raise LowbitError(f"--nsamples/--calib-seqlen: must be positive, got {nsamples}/{seqlen}")
@@ -38,13 +38,15 @@ class QuantResult:
     method: Method
     calibration: Calibration | None
 
-    def save(self, model, tok, out: str | Path, overwrite: bool = False, kv_cache: str | None = None) -> Path:
-        """Write the quantized model; `kv_cache` ("int8"/"fp8") is recorded and applied when it is loaded."""
-        from lowbit.quant.checkpoint import save_quantized
+    def save(self, model, tok, out: str | Path, overwrite: bool = False, kv_cache: str | None = None,
+             save_dtype: str | None = "fp16") -> Path:
+        """Write the quantized model (`model.save_pretrained`); `kv_cache` ("int8"/"fp8") is recorded and applied
+        when it is loaded; tensors left unquantized are stored in `save_dtype`."""
         kv_cache = kv_cache or (model.kv_quant.dtype if model.kv_quant is not None else None)
-        return save_quantized(model, tok, out, self.method.describe(),
-                              self.calibration.describe() if self.calibration else None,
-                              self.report.to_dict(), overwrite=overwrite, kv_cache=kv_cache)
+        return model.save_pretrained(out, tok, method=self.method.describe(),
+                                     calibration=self.calibration.describe() if self.calibration else None,
+                                     report=self.report.to_dict(), overwrite=overwrite, kv_cache=kv_cache,
+                                     save_dtype=save_dtype)
 
     def print(self, console) -> None:
         from rich.table import Table

@@ -9,7 +9,7 @@ elimination (Eq. 3). GPTQ fixes the column order, reads all the H⁻¹ rows it n
 upper Cholesky factor of H⁻¹ (row q of that factor is row q of the eliminated H⁻¹ divided by
 sqrt([H⁻¹]_qq)), and applies the updates lazily per block of columns (Algorithm 1).
 
-All rounding goes through lowbit.quant.primitives (qparams / quantize / dequantize), so
+All rounding goes through lowbit.kernels.primitives (qparams / quantize / dequantize), so
 the grids are the project's: in particular the symmetric grid is signed ([-2^(b-1), 2^(b-1)-1],
 zero = 0) rather than the reference's unsigned grid with zero = 2^(b-1).
 """
@@ -24,7 +24,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.quant.observers import MSEObserver
-from lowbit.quant.primitives import QuantSpec, dequantize, qparams, quantize
+from lowbit.kernels.primitives import QuantSpec, dequantize, qparams, quantize
 
 MAX_DAMP_RETRIES = 4  # percdamp x10 each time: 0.01 -> 0.1 -> 1 -> 10 -> 100
 RETRY_PERCDAMP_FROM_ZERO = 0.01  # x10 of 0 is 0, so a failed percdamp=0 restarts at the reference default

@@ -26,7 +26,7 @@ import math
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant.primitives import QuantSpec, dequantize, group_dims, qparams, quantize, to_groups
+from lowbit.kernels.primitives import QuantSpec, dequantize, group_dims, qparams, quantize, to_groups
 
 
 def _as_work(x: torch.Tensor) -> torch.Tensor:

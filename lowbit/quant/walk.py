@@ -12,8 +12,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from lowbit.models.loader import check_device
-from lowbit.models.names import layout_of
+from lowbit.device import check_device
 from lowbit.quant.registry import Method
 
 
@@ -226,7 +225,7 @@ def _format_bytes(m: nn.Module) -> int:
 
 def _quantize_group(block, i: int, method, linears: dict[str, nn.Linear], sinks, report: QuantReport) -> None:
     """Replace each Linear of one group by the method's quantized module, with a report row for it."""
-    from lowbit.quant.layers import swap_linear
+    from lowbit.layers import swap_linear
 
     for n, lin in linears.items():
         sk = sinks.get(n)
@@ -310,7 +309,7 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
 
     if method.needs_calibration and windows is None:
         raise LowbitError(f"--method {method.name} needs calibration data: pass --calib FILE")
-    layout = layout_of(model)
+    layout = model.arch.layout
     device = check_device(device or str(model.device))
     blocks = model.get_submodule(layout.blocks)
     report = QuantReport(method=method.describe())

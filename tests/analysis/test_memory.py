@@ -56,7 +56,11 @@ def test_biases_match_hf_llama_and_qwen2():
                  num_kv_heads=2)
     llama_b = ModelConfig(attention_bias=True, mlp_bias=True, **small)
     assert param_counts(llama_b).total == hf_numel(llama_b)     # Llama: o_proj has a bias too
-    qwen = ModelConfig(arch="qwen2", attention_bias=True, **small)
+    # Qwen2's config.json says nothing of biases; its architecture record gives q/k/v biases, no o_proj bias
+    from lowbit.models.arch import config_from_hf
+    qwen = config_from_hf({"model_type": "qwen2", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 48,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    assert (qwen.attention_bias, qwen.attention_out_bias) == (True, False)
     assert param_counts(qwen).total == hf_numel(qwen, qwen2=True)   # Qwen2: q/k/v bias only
 
 

@@ -28,7 +28,7 @@ def test_round_trip_is_byte_identical(ckpt, default_path, tmp_path):
     pack, dest = tmp_path / "pack", tmp_path / "dest"
     ship_checkpoint.pack(ckpt, pack, str(default_path), shard_mib=15)
     meta = json.loads((pack / "pack.json").read_text())
-    assert "model.embed_tokens.weight" in meta["left_out_sha256"]          # the fp32 embedding: unchanged by RTN
+    assert "model.embed_tokens.weight" in meta["left_out_sha256"]   # the embedding: unchanged by RTN (saved fp16)
     assert not any(k.endswith("qweight") for k in meta["left_out_sha256"])
     assert all((pack / n).stat().st_size <= 15 * ship_checkpoint.MIB for n in meta["shards"])
     ship_checkpoint.unpack(pack, dest, str(default_path))

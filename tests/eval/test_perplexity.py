@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import Reference, evaluate, window_stats
-from lowbit.eval.text import eval_windows, random_windows, read_text, tokenize_text
+from lowbit.text import eval_windows, random_windows, read_text, tokenize_text
 
 
 def test_perplexity_equals_transformers(smollm2, hf_smollm2, wiki_ids):

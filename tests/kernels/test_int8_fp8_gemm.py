@@ -23,8 +23,8 @@ import torch
 import torch.nn as nn
 
 from lowbit.kernels import kernels_disabled
-from lowbit.quant.int8_matmul import int8_mm, quantize_act_fp8, quantize_act_int8
-from lowbit.quant.layers import FP8Linear, Int8Linear
+from lowbit.kernels.int8_matmul import int8_mm, quantize_act_fp8, quantize_act_int8
+from lowbit.layers import FP8Linear, Int8Linear
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ROOT = Path(__file__).resolve().parents[2]

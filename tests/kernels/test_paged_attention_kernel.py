@@ -21,11 +21,11 @@ except ImportError:  # this file run as a script inside the interpreter subproce
         return True
 import torch
 
-from lowbit.engine.paged_attention import paged_attention
+from lowbit.kernels.paged_attention_ref import paged_attention
 from lowbit.errors import LowbitError
 from lowbit.kernels import kernels_disabled
 from lowbit.kernels.paged_attention import auto_num_splits, decode_attention, paged_decode_attention
-from lowbit.quant.kv_quant import KVQuant
+from lowbit.layers.kv_quant import KVQuant
 
 ROOT = Path(__file__).resolve().parents[2]
 JUNK = 30.0

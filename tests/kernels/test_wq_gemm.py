@@ -18,8 +18,8 @@ import torch
 
 from lowbit.kernels import kernels_disabled
 from lowbit.kernels.wq_gemm import dequantize_packed, repack
-from lowbit.quant.layers import WeightOnlyLinear
-from lowbit.quant.primitives import QuantSpec
+from lowbit.layers import WeightOnlyLinear
+from lowbit.kernels.primitives import QuantSpec
 
 # (bits, group_size, symmetric, zero_point, in_features, out_features, act_order)
 CASES = [

@@ -80,6 +80,7 @@ def test_dtypes(tmp_path):
 
 
 def test_config_from_hf_rejects_unknown_arch():
+    from lowbit.models.arch import config_from_hf
     from lowbit.errors import LowbitError
     with pytest.raises(LowbitError, match="unsupported architecture model_type='gpt2'"):
-        ModelConfig.from_hf({"model_type": "gpt2"})
+        config_from_hf({"model_type": "gpt2"})

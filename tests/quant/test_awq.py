@@ -15,20 +15,19 @@ from torch import nn
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import evaluate
-from lowbit.eval.text import eval_windows
+from lowbit.text import eval_windows
 from lowbit.models.llama import LlamaForCausalLM
 from lowbit.models.loader import load
-from lowbit.models.names import layout_of
 from lowbit.quant import fold
 from lowbit.quant.api import calibration_windows, quantize
-from lowbit.quant.layers import WeightOnlyLinear
+from lowbit.layers import WeightOnlyLinear
 from lowbit.quant.methods.awq import (
     GroupGram,
     fake_quantize_weight,
     search_clip,
     search_scale,
 )
-from lowbit.quant.primitives import QuantSpec
+from lowbit.kernels.primitives import QuantSpec
 from lowbit.quant.registry import get_method
 from lowbit.quant.walk import block_inputs, run_block
 
@@ -58,7 +57,7 @@ def test_awq_scale_folding_keeps_the_float_model(smollm2, calib, probe):
     block) leave the model's logits unchanged."""
     model = copy_first_blocks(smollm2[0], 6)
     orig = dict(smollm2[0].named_parameters())
-    layout = layout_of(model)
+    layout = model.arch.layout
     method = get_method("awq", n_grid=4, search_tokens=32, **W4G128)          # a coarse grid keeps this quick
     xs, kw = block_inputs(model, calib.windows[:1, :32])                          # one 32-token window
     for block in list(model.model.layers)[:6]:
@@ -94,7 +93,7 @@ def test_fold_rules_on_a_random_block(n_kv):
     ids = torch.randint(0, 50, (2, 16))
     ref = _logits(model, ids)
     up_bias = block.mlp.up_proj.bias.detach().clone()
-    groups, skipped = fold.foldable_groups(block, layout_of(model))
+    groups, skipped = fold.foldable_groups(block, model.arch.layout)
     assert [p for p, _ in skipped] == ([] if n_kv == 4 else ["self_attn.v_proj"])
     for producer, consumers in groups:
         n = block.get_submodule(consumers[0]).in_features
@@ -207,7 +206,7 @@ def test_awq_beats_rtn_on_smollm2(awq_vs_rtn):
 
 def test_awq_save_load_round_trip(tmp_path, smollm2, awq_vs_rtn, probe):
     model, res, _ = awq_vs_rtn["awq"]
-    out = res.save(model, smollm2[1], tmp_path / "awq")
+    out = res.save(model, smollm2[1], tmp_path / "awq", save_dtype=None)
     loaded, _ = load(out)
     assert sum(isinstance(m, WeightOnlyLinear) for m in loaded.modules()) == K * 7
     norm = loaded.model.layers[0].input_layernorm.weight                   # a folded norm, saved and loaded

@@ -6,7 +6,7 @@ import torch
 
 from lowbit.models.loader import load
 from lowbit.quant.api import calibration_windows, quantize
-from lowbit.quant.layers import WeightOnlyLinear
+from lowbit.layers import WeightOnlyLinear
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def test_act_order_checkpoint_reloads_identically(tmp_path, smollm2_4, calib, wi
     q = model.model.layers[0].self_attn.q_proj
     assert isinstance(q, WeightOnlyLinear) and q.g_idx is not None
     assert not torch.equal(q.g_idx, torch.sort(q.g_idx).values)          # really permuted groups
-    out = res.save(model, smollm2_4[1], tmp_path / "gptq")
+    out = res.save(model, smollm2_4[1], tmp_path / "gptq", save_dtype=None)
     loaded, _ = load(out)
     ids = wiki_ids[:64][None]
     with torch.no_grad():
@@ -50,13 +50,12 @@ def test_deterministic(smollm2_4, calib):
 def _slow_true_sequential_gptq(model, windows, **opts):
     """The reference's procedure, written out: for every group of every block, a whole-block forward over
     all windows feeds a Hessian per Linear; quantize the group; the block's full output feeds the next."""
-    from lowbit.models.names import layout_of
     from lowbit.quant.gptq_core import HessianAccumulator
-    from lowbit.quant.layers import swap_linear
+    from lowbit.layers import swap_linear
     from lowbit.quant.registry import get_method
     from lowbit.quant.walk import block_inputs
 
-    method, layout = get_method("gptq", **opts), layout_of(model)
+    method, layout = get_method("gptq", **opts), model.arch.layout
     xs, kw = block_inputs(model, windows)                                  # [N, S, d]
     cos, sin = kw["cos"][: xs.shape[0]], kw["sin"][: xs.shape[0]]
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.quant.gptq_core import GPTQResult, HessianAccumulator, gptq_quantize
 from lowbit.quant.observers import MSEObserver
-from lowbit.quant.primitives import QuantSpec, dequantize, fake_quantize, qparams, quantize
+from lowbit.kernels.primitives import QuantSpec, dequantize, fake_quantize, qparams, quantize
 
 
 def _problem(n_out, n_in, seed, n_rows=None, dtype=torch.float64):

@@ -15,8 +15,8 @@ from helpers import ppl_kl as _ppl_kl
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load
 from lowbit.quant.api import calibration_windows, quantize
-from lowbit.quant.layers import LAYER_CLASSES, Int8Linear, build_layer
-from lowbit.quant.layers.mixed_int8 import MixedInt8Linear, outlier_columns
+from lowbit.layers import LAYER_CLASSES, Int8Linear, build_layer
+from lowbit.layers.mixed_int8 import MixedInt8Linear, outlier_columns
 from lowbit.quant.registry import get_method
 
 IN, OUT = 64, 24
@@ -243,7 +243,7 @@ def test_llm_int8_close_to_float_on_wikitext(smollm2, llm_int8, w8a8, windows):
 
 def test_llm_int8_save_load_identical_logits(tmp_path, smollm2, llm_int8, windows):
     model, res = llm_int8
-    out = res.save(model, smollm2[1], tmp_path / "q")
+    out = res.save(model, smollm2[1], tmp_path / "q", save_dtype=None)
     qcfg = json.loads((out / "quantization_config.json").read_text())
     assert qcfg["method"] == {"method": "llm-int8", "threshold": 6.0, "keep_outlier_weights": True,
                               "max_kept_fraction": 0.1}

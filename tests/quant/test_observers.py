@@ -10,7 +10,7 @@ from lowbit.errors import LowbitError
 from lowbit.quant.observers import (
     OBSERVERS, KLObserver, MinMaxObserver, MSEObserver, PercentileObserver, get_observer, observe,
 )
-from lowbit.quant.primitives import QuantSpec, fake_quantize, to_groups
+from lowbit.kernels.primitives import QuantSpec, fake_quantize, to_groups
 
 PT8 = QuantSpec(bits=8, symmetric=True, group_size=0)
 

@@ -9,11 +9,10 @@ from helpers import logits as _logits
 
 from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import evaluate
-from lowbit.eval.text import eval_windows
+from lowbit.text import eval_windows
 from lowbit.models.loader import load
-from lowbit.models.names import layout_of
 from lowbit.quant.api import calibration_windows, quantize
-from lowbit.quant.layers import Int8Linear
+from lowbit.layers import Int8Linear
 from lowbit.quant.methods.smoothquant import ALPHA_GRID, smooth_scales
 from lowbit.quant.registry import get_method
 from lowbit.quant.walk import block_inputs, run_block
@@ -79,7 +78,7 @@ def test_smoothing_keeps_the_float_model(smollm2, calib, probe, linear_producers
     """SmoothQuant's scales folded into SmolLM2's first 8 blocks (no quantization; the same code runs for every
     block) leave the model's logits unchanged. linear_producers=True also folds into up_proj's rows."""
     model = copy_first_blocks(smollm2[0], 8)
-    layout = layout_of(model)
+    layout = model.arch.layout
     method = get_method("smoothquant", linear_producers=linear_producers)
     xs, kw = block_inputs(model, calib.windows[:1, :64])                          # one 64-token window
     for block in list(model.model.layers)[:8]:
@@ -105,7 +104,7 @@ def test_auto_alpha_search(smollm2, calib):
     """alpha="auto" evaluates 0.0..1.0 per block, keeps the least block-output error after W8A8 fake quant,
     and that beats W8A8 without smoothing on the same block."""
     model = copy_first_blocks(smollm2[0], 2)
-    layout = layout_of(model)
+    layout = model.arch.layout
     method = get_method("smoothquant", alpha="auto", act_scheme="static")
     xs, kw = block_inputs(model, calib.windows)
     for block in list(model.model.layers)[:2]:
@@ -148,7 +147,7 @@ def test_smoothquant_beats_naive_w8a8(sq_vs_w8a8, scheme):
 
 def test_smoothquant_save_load_round_trip(tmp_path, smollm2, sq_vs_w8a8, probe):
     model, res, _ = sq_vs_w8a8["smoothquant", "static"]
-    out = res.save(model, smollm2[1], tmp_path / "sq")
+    out = res.save(model, smollm2[1], tmp_path / "sq", save_dtype=None)
     loaded, _ = load(out)
     q = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
     assert len(q) == K * 7 and all(m.static_act for m in q)

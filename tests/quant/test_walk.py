@@ -8,7 +8,7 @@ import torch
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load
 from lowbit.quant.api import calibration_windows, quantize
-from lowbit.quant.layers import FP8Linear, Int8Linear, WeightOnlyLinear
+from lowbit.layers import FP8Linear, Int8Linear, WeightOnlyLinear
 from lowbit.quant.registry import get_method
 
 
@@ -72,7 +72,7 @@ def test_save_load_identical_logits(tmp_path, smollm2_4, calib, probe, method, o
     smollm2 = smollm2_4
     model = copy.deepcopy(smollm2[0])
     res = quantize(model, method, calib, progress=False, **opts)
-    out = res.save(model, smollm2[1], tmp_path / "q")
+    out = res.save(model, smollm2[1], tmp_path / "q", save_dtype=None)
     assert not any(p.name.startswith(".q.tmp") for p in tmp_path.iterdir())  # no temp dir left behind
     qcfg = json.loads((out / "quantization_config.json").read_text())
     assert qcfg["format_version"] == 1 and qcfg["method"]["method"] == method
@@ -98,9 +98,9 @@ def test_corrupt_checkpoints(tmp_path, smollm2_4, calib):
     smollm2 = smollm2_4
     model = copy.deepcopy(smollm2[0])
     res = quantize(model, "rtn", None, progress=False, bits=4, group_size=64)
-    out = res.save(model, smollm2[1], tmp_path / "q")
+    out = res.save(model, smollm2[1], tmp_path / "q", save_dtype=None)
     with pytest.raises(LowbitError, match="already exists"):
-        res.save(model, smollm2[1], out)
+        res.save(model, smollm2[1], out, save_dtype=None)
     qc = out / "quantization_config.json"
     good = qc.read_text()
     qc.write_text("{broken")
@@ -135,11 +135,10 @@ def test_bad_method_options():
 def test_statistics_pass_stops_early_with_the_same_inputs(smollm2, calib):
     """run_block(stop_after=...) ends each batch once the pass's Linears have run; what they saw is what a
     full pass feeds them, for every true-sequential group of a real block."""
-    from lowbit.models.names import layout_of
     from lowbit.quant.walk import block_inputs, run_block
 
     model = smollm2[0]
-    layout = layout_of(model)
+    layout = model.arch.layout
     block = model.get_submodule(layout.blocks)[3]
     xs, kw = block_inputs(model, calib.windows)
     full, seen_full = {}, {}

@@ -19,10 +19,10 @@ from helpers import ppl_kl as _ppl_kl
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load
 from lowbit.quant.api import calibration_windows, quantize
-from lowbit.quant.int8_matmul import ACT_QUANT
-from lowbit.quant.layers import FakeQuantLinear, WeightOnlyLinear, build_layer
+from lowbit.kernels.int8_matmul import ACT_QUANT
+from lowbit.layers import FakeQuantLinear, WeightOnlyLinear, build_layer
 from lowbit.quant.methods.zeroquant import quantize_weight
-from lowbit.quant.primitives import QuantSpec
+from lowbit.kernels.primitives import QuantSpec
 from lowbit.quant.registry import get_method
 
 W4G128 = QuantSpec(bits=4, symmetric=True, group_size=128)
@@ -188,7 +188,7 @@ def test_lkd_on_the_float_models_hidden_states(smollm2, calib):
 def test_zeroquant_save_load_identical_logits(tmp_path, smollm2, lkd, heldout):
     """The two LKD-trained blocks alone (embedding, 2 blocks, head) through a checkpoint."""
     _, head, res = lkd
-    out = res.save(head, smollm2[1], tmp_path / "q")
+    out = res.save(head, smollm2[1], tmp_path / "q", save_dtype=None)
     qcfg = json.loads((out / "quantization_config.json").read_text())
     assert qcfg["method"]["method"] == "zeroquant" and qcfg["method"]["lkd_steps"] == LKD["lkd_steps"]
     assert len(qcfg["modules"]) == 14

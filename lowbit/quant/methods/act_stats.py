@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from lowbit.errors import LowbitError
 from lowbit.quant.observers import get_observer
-from lowbit.quant.primitives import QuantSpec
+from lowbit.kernels.primitives import QuantSpec
 from lowbit.quant.registry import Method, MethodConfig
 
 PER_TENSOR_INT8 = QuantSpec(bits=8, symmetric=True, group_size=0)

@@ -26,7 +26,7 @@ Per decoder block (lowbit.quant.walk calls prepare_block, then quantize_linear f
 Differences from llm-awq worth knowing: the walk feeds each block the outputs of the already QUANTIZED previous
 blocks (GPTQ-style) where the reference feeds the float, scaled and clipped ones; the scale search uses the first
 search_tokens // seqlen calibration windows (at least one; the reference searches all 128 x 512 tokens, which
-the default of 65536 matches); quantization grids are lowbit.quant.primitives' (an integer zero point widens the
+the default of 65536 matches); quantization grids are lowbit.kernels.primitives' (an integer zero point widens the
 range to contain 0, the reference's does not); scales are stored in fp16 by WeightOnlyLinear.
 """
 from __future__ import annotations
@@ -41,8 +41,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.quant import fold
-from lowbit.quant.layers import WeightOnlyLinear
-from lowbit.quant.primitives import QuantSpec, fake_quantize, group_minmax
+from lowbit.layers import WeightOnlyLinear
+from lowbit.kernels.primitives import QuantSpec, fake_quantize, group_minmax
 from lowbit.quant.registry import Method, MethodConfig, register
 from lowbit.quant.walk import run_block
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.quant.layers import FP8Linear
+from lowbit.layers import FP8Linear
 from lowbit.quant.methods.act_stats import ActQuantConfig, ActQuantMethod
 from lowbit.quant.registry import register
 

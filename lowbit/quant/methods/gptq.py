@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.quant.gptq_core import HessianAccumulator, gptq_quantize
-from lowbit.quant.layers import WeightOnlyLinear
-from lowbit.quant.primitives import QuantSpec
+from lowbit.layers import WeightOnlyLinear
+from lowbit.kernels.primitives import QuantSpec
 from lowbit.quant.registry import Method, MethodConfig, register
 
 SCALE_DTYPE = torch.float16   # how WeightOnlyLinear stores scales; GPTQ chooses codes against exactly these

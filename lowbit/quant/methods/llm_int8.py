@@ -1,6 +1,6 @@
 """LLM.int8() (Dettmers et al., 2022): vector-wise int8 with a float path for outlier feature dims.
 
-No calibration is needed: outlier dims are found per forward call (see lowbit.quant.layers.mixed_int8). With
+No calibration is needed: outlier dims are found per forward call (see lowbit.layers.mixed_int8). With
 calibration data, a collector records which input dims of every Linear crossed the threshold, reported per
 layer (`outlier_fraction` etc. in the walk report); with keep_outlier_weights those dims' original weight
 columns are also stored next to the int8 weight, so the float path multiplies them by the unquantized weight.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant.layers.mixed_int8 import DEFAULT_THRESHOLD, MixedInt8Linear, _check_threshold
+from lowbit.layers.mixed_int8 import DEFAULT_THRESHOLD, MixedInt8Linear, _check_threshold
 from lowbit.quant.registry import Method, MethodConfig, register
 
 

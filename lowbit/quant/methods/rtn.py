@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowbit.quant.layers import WeightOnlyLinear
-from lowbit.quant.primitives import QuantSpec
+from lowbit.layers import WeightOnlyLinear
+from lowbit.kernels.primitives import QuantSpec
 from lowbit.quant.registry import Method, MethodConfig, register
 
 

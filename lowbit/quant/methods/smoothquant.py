@@ -39,8 +39,8 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.quant import fold
-from lowbit.quant.int8_matmul import INT8_SYM
-from lowbit.quant.layers import FakeQuantLinear, Int8Linear, swap_linear
+from lowbit.kernels.int8_matmul import INT8_SYM
+from lowbit.layers import FakeQuantLinear, Int8Linear, swap_linear
 from lowbit.quant.methods.act_stats import ActQuantConfig, ActRange, ChannelAbsMax
 from lowbit.quant.registry import Method, register
 from lowbit.quant.walk import run_block

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowbit.quant.layers import Int8Linear
+from lowbit.layers import Int8Linear
 from lowbit.quant.methods.act_stats import ActQuantConfig, ActQuantMethod
 from lowbit.quant.registry import register
 

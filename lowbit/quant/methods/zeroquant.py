@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.quant.int8_matmul import ACT_QUANT
-from lowbit.quant.layers import FakeQuantLinear, _parts, swap_linear
-from lowbit.quant.primitives import QuantSpec, fake_quantize
+from lowbit.kernels.int8_matmul import ACT_QUANT
+from lowbit.layers import FakeQuantLinear, _parts, swap_linear
+from lowbit.kernels.primitives import QuantSpec, fake_quantize
 from lowbit.quant.registry import Method, MethodConfig, register
 from lowbit.quant.walk import run_block
 

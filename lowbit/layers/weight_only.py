@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.kernels import use_kernels
-from lowbit.quant.primitives import (dequantize, dequantize_groups, pack, packed_numel, unpack)
+from lowbit.kernels.primitives import (dequantize, dequantize_groups, pack, packed_numel, unpack)
 
 
-from lowbit.quant.layers.base import (_QuantLinear, _as_dtype, _as_spec, _grouped_shape, _linear_weight,
+from lowbit.layers.base import (_QuantLinear, _as_dtype, _as_spec, _grouped_shape, _linear_weight,
                                        _parts, _ragged, _weight_range, quantize_weight)
 
 

@@ -50,7 +50,7 @@ def build(base, cand: Candidate, calib, device=None, progress: bool = False, cac
         res = quantize(model, method, calib if method.needs_calibration else None, device=device,
                        progress=progress)
     if cand.kv_cache:
-        from lowbit.quant.kv_quant import KVQuant
+        from lowbit.layers.kv_quant import KVQuant
         model.set_kv_quant(KVQuant(cand.kv_cache))
     layers = res.report.layers
     n_weights = sum(r.fp16_bytes for r in layers) / 2
@@ -61,7 +61,7 @@ def build(base, cand: Candidate, calib, device=None, progress: bool = False, cac
             "simulated": any((r.format_bytes or r.stored_bytes) != r.stored_bytes for r in layers),
             "calibration": calib.describe() if (calib is not None and method.needs_calibration) else None}
     if cached is not None:
-        res.save(model, None, cached, overwrite=True, kv_cache=cand.kv_cache)
+        res.save(model, None, cached, overwrite=True, kv_cache=cand.kv_cache, save_dtype=None)  # exact copy
         write_json_atomic(cached / "build_info.json", info)
     return model, info
 

@@ -8,11 +8,11 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
-from lowbit.quant.int8_matmul import int8_mm
-from lowbit.quant.layers import (INT8_SYM, LAYER_CLASSES, FakeQuantLinear, FP8Linear, Int8Linear,
+from lowbit.kernels.int8_matmul import int8_mm
+from lowbit.layers import (INT8_SYM, LAYER_CLASSES, FakeQuantLinear, FP8Linear, Int8Linear,
                                  WeightOnlyLinear, build_layer, swap_linear)
 from lowbit.quant.observers import get_observer
-from lowbit.quant.primitives import (QuantSpec, fake_quantize, fp8_dequantize, fp8_quantize,
+from lowbit.kernels.primitives import (QuantSpec, fake_quantize, fp8_dequantize, fp8_quantize,
                                      quantize, quantize_groups, quantize_per_token)
 
 IN, OUT = 256, 48
@@ -386,7 +386,7 @@ def test_short_last_group_equals_groups_quantized_separately(sym, zp):
     tail_spec = QuantSpec(bits=4, group_size=64, symmetric=sym, zero_point=zp)
     ref_tail = FakeQuantLinear.from_linear(_with_weight(w[:, 512:]), tail_spec, scale_dtype=torch.float16).weight
     assert torch.equal(layer.dequantized_weight(), torch.cat([ref_head, ref_tail], 1))
-    from lowbit.quant.primitives import to_groups
+    from lowbit.kernels.primitives import to_groups
     with pytest.raises(LowbitError, match="group_size=128 does not divide"):
         to_groups(w, 128)  # the primitives stay strict; only the layer knows about a short last group
 

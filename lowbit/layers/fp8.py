@@ -6,12 +6,12 @@ import torch
 import torch.nn as nn
 
 from lowbit.kernels import use_kernels
-from lowbit.quant.int8_matmul import (FP8_FMT, fp8_scaled_mm, quantize_act_fp8,
+from lowbit.kernels.int8_matmul import (FP8_FMT, fp8_scaled_mm, quantize_act_fp8,
                                       scaled_mm_supported)
-from lowbit.quant.primitives import (fp8_dequantize, fp8_quantize)
+from lowbit.kernels.primitives import (fp8_dequantize, fp8_quantize)
 
 
-from lowbit.quant.layers.base import (_QuantLinear, _linear_weight)
+from lowbit.layers.base import (_QuantLinear, _linear_weight)
 
 
 class FP8Linear(_QuantLinear):

@@ -16,7 +16,7 @@ from lowbit.engine import (
     paged_attention,
 )
 from lowbit.errors import LowbitError
-from lowbit.quant.kv_quant import KVQuant
+from lowbit.layers.kv_quant import KVQuant
 
 
 def _scatter(k_pool, v_pool, ks, vs, bs, g):

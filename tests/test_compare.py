@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from lowbit.eval import compare
-from lowbit.eval.text import eval_windows
+from lowbit import compare
+from lowbit.text import eval_windows
 from lowbit.quant.api import calibration_windows
 
 CANDS = [compare.Candidate("rtn-w4-g32", "rtn", dict(bits=4, group_size=32)),

@@ -9,11 +9,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.quant.int8_matmul import (ACT_QUANT, FP8_FMT)
-from lowbit.quant.primitives import (QuantSpec, dequantize_groups, fp8_dequantize, fp8_quantize)
+from lowbit.kernels.int8_matmul import (ACT_QUANT, FP8_FMT)
+from lowbit.kernels.primitives import (QuantSpec, dequantize_groups, fp8_dequantize, fp8_quantize)
 
 
-from lowbit.quant.layers.base import (FP8_WEIGHT, _QuantLinear, _as_spec, _grouped_shape, _linear_weight,
+from lowbit.layers.base import (FP8_WEIGHT, _QuantLinear, _as_spec, _grouped_shape, _linear_weight,
                                        _weight_range, quantize_weight)
 
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.quant.primitives import QuantSpec, dequantize, fp8_dequantize, fp8_quantize, quantize, quantize_per_token
+from lowbit.kernels.primitives import QuantSpec, dequantize, fp8_dequantize, fp8_quantize, quantize, quantize_per_token
 
 INT32_SAFE_K = (1 << 31) // (1 << 14)  # K below this cannot overflow an int32 accumulator
 FP32_EXACT_K = (1 << 24) // (1 << 14)  # K slice whose float32 sums of int8 products are exact

@@ -28,9 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.quant.int8_matmul import INT8_SYM, int8_mm, quantize_act_int8
-from lowbit.quant.layers.base import _linear_weight, _QuantLinear
-from lowbit.quant.primitives import dequantize, quantize_groups
+from lowbit.kernels.int8_matmul import INT8_SYM, int8_mm, quantize_act_int8
+from lowbit.layers.base import _linear_weight, _QuantLinear
+from lowbit.kernels.primitives import dequantize, quantize_groups
 
 DEFAULT_THRESHOLD = 6.0
 

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from lowbit.errors import LowbitError
 from lowbit.quant.observers import observe
-from lowbit.quant.primitives import (QuantSpec, from_groups, group_minmax, qparams, quantize,
+from lowbit.kernels.primitives import (QuantSpec, from_groups, group_minmax, qparams, quantize,
                                      quantize_groups, to_groups)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant.kv_quant import KVQuant
+from lowbit.layers.kv_quant import KVQuant
 
 
 def test_roundtrip_bounded_by_scale():

@@ -1,4 +1,4 @@
-"""lowbit.quant.primitives against straightforward float64 references written here."""
+"""lowbit.kernels.primitives against straightforward float64 references written here."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant.primitives import (
+from lowbit.kernels.primitives import (
     QuantSpec, dequantize, dequantize_groups, dequantize_per_token, fake_quantize, fp8_dequantize,
     fp8_quantize, group_minmax, pack, pack_int32, packed_numel, qparams, quantize, quantize_groups,
     quantize_per_token, to_groups, unpack, unpack_int32,

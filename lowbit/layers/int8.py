@@ -6,11 +6,11 @@ import torch
 import torch.nn as nn
 
 from lowbit.kernels import use_kernels
-from lowbit.quant.int8_matmul import (INT8_SYM, int8_mm, quantize_act_int8)
-from lowbit.quant.primitives import (quantize_groups)
+from lowbit.kernels.int8_matmul import (INT8_SYM, int8_mm, quantize_act_int8)
+from lowbit.kernels.primitives import (quantize_groups)
 
 
-from lowbit.quant.layers.base import (_QuantLinear, _linear_weight)
+from lowbit.layers.base import (_QuantLinear, _linear_weight)
 
 
 # ----------------------------------------------------------------------------- W8A8

@@ -15,13 +15,13 @@ from __future__ import annotations
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.quant.int8_matmul import INT8_SYM
-from lowbit.quant.layers.base import _parts, _QuantLinear, quantize_weight
-from lowbit.quant.layers.fake import FakeQuantLinear
-from lowbit.quant.layers.fp8 import FP8Linear
-from lowbit.quant.layers.int8 import Int8Linear
-from lowbit.quant.layers.mixed_int8 import MixedInt8Linear, outlier_columns
-from lowbit.quant.layers.weight_only import WeightOnlyLinear
+from lowbit.kernels.int8_matmul import INT8_SYM
+from lowbit.layers.base import _parts, _QuantLinear, quantize_weight
+from lowbit.layers.fake import FakeQuantLinear
+from lowbit.layers.fp8 import FP8Linear
+from lowbit.layers.int8 import Int8Linear
+from lowbit.layers.mixed_int8 import MixedInt8Linear, outlier_columns
+from lowbit.layers.weight_only import WeightOnlyLinear
 
 # kind (as written in a checkpoint's quantization config) -> class
 LAYER_CLASSES: dict[str, type[_QuantLinear]] = {

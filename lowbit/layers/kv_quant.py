@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant.primitives import dequantize_per_token, fp8_dequantize, fp8_quantize, quantize_per_token
+from lowbit.kernels.primitives import dequantize_per_token, fp8_dequantize, fp8_quantize, quantize_per_token
 
 KV_DTYPES = ("int8", "fp8")
 
