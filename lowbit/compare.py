@@ -146,8 +146,20 @@ def markdown(state: dict, title: str) -> str:
                       "", *head, *body, *([""] + foot if foot else [])]) + "\n"
 
 
-def plot(state: dict, path: str | Path, title: str) -> None:
-    """Perplexity against bits per weight, one line per method, the base as a horizontal line."""
+PLOT_INSTALL = "pip install 'lowbit[plot]'"
+
+
+def can_plot() -> bool:
+    """Whether matplotlib (the `plot` extra) is installed."""
+    import importlib.util
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def plot(state: dict, path: str | Path, title: str) -> bool:
+    """Perplexity against bits per weight, one line per method, the base as a horizontal line.
+    False (and nothing written) when matplotlib, an optional extra, is not installed."""
+    if not can_plot():
+        return False
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -180,6 +192,7 @@ def plot(state: dict, path: str | Path, title: str) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+    return True
 
 
 def run(base, candidates: list[Candidate], windows: torch.Tensor, calib, out_dir: str | Path, title: str,

@@ -32,7 +32,8 @@ def load_dataset_text(name: str) -> str:
     try:
         import datasets
     except ImportError:
-        raise LowbitError("--dataset needs the `datasets` package: pip install datasets") from None
+        raise LowbitError("--dataset needs the `datasets` package: pip install 'lowbit[datasets]' "
+                          "(or pass --text FILE)") from None
     args, split, col = DATASETS[name]
     try:
         rows = datasets.load_dataset(*args, split=split)[col]

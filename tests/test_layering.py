@@ -8,7 +8,7 @@ import lowbit
 
 # Top to bottom, as the README's diagram lists them; a module may import its own layer and any layer below.
 LAYERS = [
-    ["cli"],
+    ["cli", "__init__"],          # the CLI, and the package's facade (lowbit.load, lowbit.LLM, ...: lazy)
     ["compare"],
     ["eval"],
     ["engine", "generate"],
@@ -17,7 +17,7 @@ LAYERS = [
     ["layers"],
     ["kernels"],
     ["analysis"],
-    ["sampling", "stopping", "text", "files", "device", "atomic", "config", "errors", "__init__"],
+    ["sampling", "stopping", "text", "files", "device", "atomic", "config", "errors"],
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
 ROOT = Path(lowbit.__file__).parent

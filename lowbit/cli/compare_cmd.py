@@ -87,7 +87,8 @@ def run(args) -> int:
     state = compare.run(model, cands, windows, calib, args.out, f"{meta['model']}: quantization methods", meta,
                         budget_s=60 * args.budget_minutes if args.budget_minutes else None, device=args.device)
     console().print(compare.markdown(state, "results"))
-    console().print(f"wrote {args.out}/compare.md, compare.json, compare.png")
+    png = ", compare.png" if compare.can_plot() else f" (no compare.png: matplotlib is missing; {compare.PLOT_INSTALL})"
+    console().print(f"wrote {args.out}/compare.md, compare.json{png}")
     return 0
 
 

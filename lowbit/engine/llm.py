@@ -95,6 +95,10 @@ class _LazyArgmax:
 
 
 class Engine:
+    """The serving loop of one model: requests in (`add_request`), one scheduled batch per `step()` (chunked
+    prefill and decode over a paged KV cache, continuous batching, preemption), finished outputs out;
+    `abort` frees a request's blocks at once. `LLM` runs it to completion for a list of prompts."""
+
     def __init__(self, model, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
                  kv_memory_fraction: float = 0.5, max_num_seqs: int = 64, max_batched_tokens: int = 2048,
                  kv_quant=None, decode_path: bool | None = None, cuda_graphs: bool | None = None):
@@ -254,6 +258,8 @@ class LLM:
 
     def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
+        """Complete every prompt (text, or token ids; one or a list) with `params` (one for all, or one per
+        prompt; default SamplingParams()) and return one RequestOutput per prompt, in prompt order."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts
                                               and isinstance(prompts[0], int))
         prompts = [prompts] if single else list(prompts)

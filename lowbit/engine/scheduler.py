@@ -61,6 +61,10 @@ class Batch:
 
 
 class Scheduler:
+    """Continuous batching under a token budget: running decodes first, then waiting prompts in chunks
+    (chunked prefill) while blocks last; when the pool runs out the newest request is preempted and later
+    recomputed. `schedule()` returns the next batch; finished and aborted requests release their blocks."""
+
     def __init__(self, block_manager: BlockManager, max_num_seqs: int = 64, max_batched_tokens: int = 2048):
         if max_num_seqs <= 0 or max_batched_tokens <= 0:
             raise LowbitError(f"scheduler: max_num_seqs ({max_num_seqs}) and max_batched_tokens "

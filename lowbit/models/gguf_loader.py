@@ -124,10 +124,15 @@ def gguf_tokenizer(reader, path: str | Path):
     path = Path(path)
     if "tokenizer.ggml.tokens" not in reader.fields:
         raise LowbitError(f"{path}: no tokenizer embedded (GGUF metadata lacks tokenizer.ggml.tokens)")
-    # Converting a GGUF vocabulary takes seconds; the result is keyed by the file's identity.
+    # Converting a GGUF vocabulary takes seconds; the result is keyed by the file's identity and by the
+    # versions of the libraries that converted it (a new transformers may convert differently).
+    import tokenizers
+    import transformers
+
     st = path.stat()
     cache_root = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "tokenizers"
-    cached = cache_root / f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+    cached = cache_root / (f"{path.stem}-{st.st_size}-{int(st.st_mtime)}"
+                           f"-tf{transformers.__version__}-tok{tokenizers.__version__}")
     if (cached / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     try:

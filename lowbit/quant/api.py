@@ -23,6 +23,7 @@ class Calibration:
 
 
 def calibration_windows(tok, path: str | Path, nsamples: int = 128, seqlen: int = 2048, seed: int = 0) -> Calibration:
+    """`nsamples` windows of `seqlen` tokens at seeded random offsets of a text file (GPTQ's sampling)."""
     from lowbit.errors import LowbitError
     from lowbit.text import random_windows, read_text, tokenize_text
 
