@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -43,12 +44,19 @@ def _check_rope_scaling(r: Any) -> dict[str, Any] | None:
     for k in ("low_freq_factor", "high_freq_factor", "beta_fast", "beta_slow", "attention_factor"):
         if r.get(k) is not None:
             _check_float(f"rope_scaling.{k}", r[k], 0.0, 1e6)
-    if kind == "llama3" and r.get("low_freq_factor", 1.0) >= r.get("high_freq_factor", 4.0):
+    if kind == "llama3" and (r.get("low_freq_factor") or 1.0) >= (r.get("high_freq_factor") or 4.0):
         raise LowbitError("config: rope_scaling.low_freq_factor must be below high_freq_factor")
     if r.get("original_max_position_embeddings") is not None:
         _check_int("rope_scaling.original_max_position_embeddings", r["original_max_position_embeddings"], 1,
                    _INT_LIMITS["max_position_embeddings"])
     return r
+
+
+def rename_fields(message: str, names: dict[str, str]) -> str:
+    """A ModelConfig error message with its field names as a file spells them (num_layers ->
+    num_hidden_layers in config.json, llama.block_count in GGUF metadata)."""
+    pattern = r"\b(" + "|".join(map(re.escape, names)) + r")\b"
+    return re.sub(pattern, lambda m: names[m.group(1)], message)
 
 
 @dataclass

@@ -27,6 +27,19 @@ def regular_file(path: str | Path, what: str = "file") -> Path:
     return path
 
 
+def only_regular_files(folder: str | Path, what: str = "directory") -> None:
+    """A one-line error if an entry of `folder` is a FIFO, socket or device: libraries open a model
+    directory's files by name (tokenizer configs, shards), and reading one of those blocks or never ends."""
+    for entry in sorted(Path(folder).iterdir()):
+        try:
+            mode = entry.stat().st_mode
+        except OSError:    # a dangling link: an error only where something needs the file
+            continue
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            raise LowbitError(f"{entry}: not a regular file (a FIFO, socket or device in a {what} is refused: "
+                              f"reading it could block for ever)")
+
+
 def read_json(path: str | Path, what: str = "JSON file", expect: type = dict) -> Any:
     """The JSON value of a file, checked to be an `expect` (dict by default), with one-line errors for a
     missing or special file, bad UTF-8, invalid JSON and a value of the wrong shape."""

@@ -59,6 +59,22 @@ def wiki_ids(smollm2):
 
 
 @pytest.fixture(scope="session")
+def frozen_test_ids():
+    """The first 3072 WikiText-2 test tokens, frozen in tests/data/tokens.json (a tokenizer upgrade cannot move
+    them): what the method tests evaluate on. ids [3072]."""
+    from helpers import frozen_test_ids
+    return frozen_test_ids()
+
+
+@pytest.fixture(scope="session")
+def frozen_calib():
+    """frozen_calib(nsamples, seqlen, seed=0) -> Calibration: frozen WikiText-2 valid windows from
+    tests/data/tokens.json (seed s: windows s*nsamples .. (s+1)*nsamples - 1, each cut to seqlen <= 128)."""
+    from helpers import frozen_calib
+    return frozen_calib
+
+
+@pytest.fixture(scope="session")
 def smollm2_4(smollm2):
     """The real SmolLM2 cut to its first 4 blocks (real weights, real embeddings and head): method tests
     that walk every block run 7x faster on it."""

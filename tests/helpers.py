@@ -3,13 +3,41 @@ from __future__ import annotations
 
 import functools
 import copy
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowbit.quant.api import quantize
+
+
+TOKENS = Path(__file__).resolve().parent / "data" / "tokens.json"    # tests/data/make_tokens.py writes it
+
+
+@functools.cache
+def _frozen() -> dict:
+    return json.loads(TOKENS.read_text())
+
+
+def frozen_test_ids() -> torch.Tensor:
+    """The frozen WikiText-2 test ids [3072] (see tests/data/make_tokens.py)."""
+    return torch.tensor(_frozen()["test"]["ids"], dtype=torch.long)
+
+
+def frozen_calib(nsamples: int, seqlen: int, seed: int = 0):
+    """A Calibration of frozen WikiText-2 valid windows: windows seed*nsamples .. (seed+1)*nsamples - 1 of the
+    file's 20 x 128, each cut to its first `seqlen` ids (so seeds give disjoint windows)."""
+    from lowbit.quant.api import Calibration
+
+    windows = _frozen()["calib"]["windows"]
+    if nsamples <= 0 or (seed + 1) * nsamples > len(windows) or not 1 < seqlen <= len(windows[0]):
+        raise ValueError(f"frozen_calib({nsamples}, {seqlen}, seed={seed}): tests/data/tokens.json has "
+                         f"{len(windows)} windows of {len(windows[0])} ids")
+    ids = torch.tensor(windows[seed * nsamples: (seed + 1) * nsamples], dtype=torch.long)[:, :seqlen]
+    return Calibration(ids.contiguous(), f"tests/data/tokens.json (WikiText-2 valid, seed {seed})", seed)
 
 
 def copy_first_blocks(model, k):

@@ -47,35 +47,27 @@ class GPUSpec:
         return asdict(self)
 
 
-GPUS: dict[str, GPUSpec] = {
-    # NVIDIA H100 SXM5 datasheet: 80 GB HBM3, 3.35 TB/s; BF16/FP16 tensor 1,979 TFLOPS *with
-    # sparsity* -> 989.4 dense; FP8 3,958 sparse -> 1,979 dense; INT8 3,958 TOPS sparse -> 1,979 dense;
-    # FP32 67 TFLOPS.
-    "h100": GPUSpec("NVIDIA H100 SXM5 80GB", mem_bandwidth=3.35 * T, bf16_flops=989.4 * T,
-                    fp32_flops=67 * T, int8_ops=1979 * T, fp8_flops=1979 * T, memory_bytes=80 * G,
-                    source="NVIDIA H100 Tensor Core GPU datasheet (SXM5), dense = sparse / 2"),
-    # NVIDIA H200 SXM datasheet: 141 GB HBM3e, 4.8 TB/s; same Hopper compute as H100 SXM
-    # (BF16 1,979 / FP8 3,958 / INT8 3,958 sparse -> halves dense; FP32 67 TFLOPS).
-    "h200": GPUSpec("NVIDIA H200 SXM 141GB", mem_bandwidth=4.8 * T, bf16_flops=989.4 * T,
-                    fp32_flops=67 * T, int8_ops=1979 * T, fp8_flops=1979 * T, memory_bytes=141 * G,
-                    source="NVIDIA H200 Tensor Core GPU datasheet (SXM), dense = sparse / 2"),
-    # NVIDIA A100 80GB SXM datasheet: HBM2e 2,039 GB/s; BF16/FP16 tensor 312 TFLOPS dense
-    # (624 sparse); INT8 624 TOPS dense (1,248 sparse); FP32 19.5 TFLOPS; no FP8 units (Ampere).
-    "a100": GPUSpec("NVIDIA A100 SXM4 80GB", mem_bandwidth=2.039 * T, bf16_flops=312 * T,
-                    fp32_flops=19.5 * T, int8_ops=624 * T, fp8_flops=None, memory_bytes=80 * G,
-                    source="NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)"),
-    # NVIDIA L4 datasheet: 24 GB GDDR6, 300 GB/s; FP16/BF16 tensor 242 TFLOPS *with sparsity*
-    # -> 121 dense; FP8 485 sparse -> 242.5 dense; INT8 485 TOPS sparse -> 242.5 dense; FP32 30.3 TFLOPS.
-    "l4": GPUSpec("NVIDIA L4 24GB", mem_bandwidth=300 * G, bf16_flops=121 * T,
-                  fp32_flops=30.3 * T, int8_ops=242.5 * T, fp8_flops=242.5 * T, memory_bytes=24 * G,
-                  source="NVIDIA L4 Tensor Core GPU datasheet, dense = sparse / 2"),
-    # Generic CPU: an ORDER-OF-MAGNITUDE PLACEHOLDER, not a datasheet value. Roughly a
-    # many-core server socket with DDR5 (~100 GB/s) doing fp32 SIMD FMAs on all cores (~1.5 TFLOP/s);
-    # bf16 and int8 are set equal to fp32 since, without AMX/VNNI-style units, they are not faster.
-    "cpu": GPUSpec("generic CPU (placeholder)", mem_bandwidth=100 * G, bf16_flops=1.5 * T,
-                   fp32_flops=1.5 * T, int8_ops=1.5 * T, fp8_flops=None, memory_bytes=64 * G,
-                   source="order-of-magnitude placeholder"),
+# One row per accelerator: (name, bandwidth B/s, dense bf16/fp16, fp32, int8, fp8 FLOP/s, memory bytes, source).
+# Datasheets quote tensor-core peaks *with 2:4 sparsity*; the dense peak is half of that.
+_ROWS = {
+    # H100 SXM5: 80 GB HBM3 at 3.35 TB/s; BF16 1,979 / FP8 3,958 / INT8 3,958 sparse; FP32 67 TFLOPS.
+    "h100": ("NVIDIA H100 SXM5 80GB", 3.35 * T, 989.4 * T, 67 * T, 1979 * T, 1979 * T, 80 * G,
+             "NVIDIA H100 Tensor Core GPU datasheet (SXM5), dense = sparse / 2"),
+    # H200 SXM: 141 GB HBM3e at 4.8 TB/s; the H100's Hopper compute.
+    "h200": ("NVIDIA H200 SXM 141GB", 4.8 * T, 989.4 * T, 67 * T, 1979 * T, 1979 * T, 141 * G,
+             "NVIDIA H200 Tensor Core GPU datasheet (SXM), dense = sparse / 2"),
+    # A100 80GB SXM: HBM2e 2,039 GB/s; BF16 312 / INT8 624 dense; FP32 19.5 TFLOPS; no FP8 units (Ampere).
+    "a100": ("NVIDIA A100 SXM4 80GB", 2.039 * T, 312 * T, 19.5 * T, 624 * T, None, 80 * G,
+             "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM)"),
+    # L4: 24 GB GDDR6 at 300 GB/s; FP16/BF16 242 / FP8 485 / INT8 485 sparse; FP32 30.3 TFLOPS.
+    "l4": ("NVIDIA L4 24GB", 300 * G, 121 * T, 30.3 * T, 242.5 * T, 242.5 * T, 24 * G,
+           "NVIDIA L4 Tensor Core GPU datasheet, dense = sparse / 2"),
+    # An ORDER-OF-MAGNITUDE PLACEHOLDER, not a datasheet: a many-core DDR5 server socket (~100 GB/s) doing
+    # fp32 SIMD FMAs on all cores (~1.5 TFLOP/s); bf16 and int8 no faster without AMX/VNNI-style units.
+    "cpu": ("generic CPU (placeholder)", 100 * G, 1.5 * T, 1.5 * T, 1.5 * T, None, 64 * G,
+            "order-of-magnitude placeholder"),
 }
+GPUS: dict[str, GPUSpec] = {key: GPUSpec(*row) for key, row in _ROWS.items()}
 
 
 def get_gpu(name: str | GPUSpec) -> GPUSpec:

@@ -167,9 +167,17 @@ def weight_memory_table(cfg: ModelConfig, group_size: int = 128) -> dict[str, di
 
 # ---------------------------------------------------------------- KV cache
 
+def kv_token_bytes(num_layers: int, num_kv_heads: int, head_dim: int, bytes_per_elem: float = 2,
+                   scale_bytes: float = 0) -> float:
+    """K and V of one token across all layers: 2 * L * kv * (hd * bytes + scale_bytes), scale_bytes being a
+    quantized cache's scale per (token, head). The one count of KV bytes: the engine's pools and
+    KVQuant call it too."""
+    return 2 * num_layers * num_kv_heads * head_dim * bytes_per_elem + 2 * num_layers * num_kv_heads * scale_bytes
+
+
 def kv_cache_bytes_per_token(cfg: ModelConfig, bytes_per_elem: float = 2) -> float:
     """K and V of one token across all layers: 2 * L * kv * hd * bytes."""
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * bytes_per_elem
+    return kv_token_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, bytes_per_elem)
 
 
 def kv_cache_bytes(cfg: ModelConfig, batch: int, seqlen: int, bytes_per_elem: float = 2) -> float:
@@ -184,7 +192,7 @@ def kv_cache_summary(cfg: ModelConfig, batch: int, seqlen: int,
     """KV cache size, and what grouped-query attention saves vs multi-head (kv = h)."""
     total = kv_cache_bytes(cfg, batch, seqlen, bytes_per_elem)
     # the same model with one K/V head per query head (multi-head attention)
-    mha = 2 * batch * seqlen * cfg.num_layers * cfg.num_heads * cfg.head_dim * bytes_per_elem
+    mha = batch * seqlen * kv_token_bytes(cfg.num_layers, cfg.num_heads, cfg.head_dim, bytes_per_elem)
     return {
         "batch": batch, "seqlen": seqlen, "bytes_per_elem": bytes_per_elem,
         "num_heads": cfg.num_heads, "num_kv_heads": cfg.num_kv_heads,

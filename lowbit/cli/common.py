@@ -2,12 +2,25 @@
 from __future__ import annotations
 
 
+def model_command(sub, name: str, help: str, description: str):
+    """A subcommand's parser that takes a MODEL (and --dtype, --device, --kv-cache, --strict)."""
+    p = sub.add_parser(name, help=help, description=description)
+    add_model_arg(p)
+    return p
+
+
 def add_model_arg(p) -> None:
     p.add_argument("model", nargs="?", default=None,
                    help="HF model directory, GGUF file or quantized lowbit directory (default: SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     add_kv_arg(p)
+    add_strict_arg(p)
+
+
+def add_strict_arg(p) -> None:
+    p.add_argument("--strict", action="store_true",
+                   help="refuse a model whose weights hold NaN or Inf (default: load it with a warning)")
 
 
 def add_kv_arg(p) -> None:

@@ -5,15 +5,14 @@ import datetime
 import platform
 import sys
 
-from lowbit.cli.common import add_model_arg, console
+from lowbit.cli.common import console, model_command
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("compare", help="compare quantization methods: PPL, KL, top-1, bytes, time, memory",
+    p = model_command(sub, "compare", help="compare quantization methods: PPL, KL, top-1, bytes, time, memory",
                        description="Quantize the model with every METHOD × BITS × GROUP-SIZE, evaluate all of them "
                                    "against the base on the same windows (one pass), and write compare.md, "
                                    "compare.json and compare.png (perplexity vs bits per weight) to --out.")
-    add_model_arg(p)
     p.add_argument("--methods", default="rtn,gptq", help="comma-separated registered methods (default rtn,gptq)")
     p.add_argument("--bits", default="4,3", help="comma-separated weight bits for methods that take them")
     p.add_argument("--group-size", default="-1,128", help="comma-separated group sizes (-1 per channel)")
@@ -73,7 +72,8 @@ def run(args) -> int:
     cands = candidates([m for m in args.methods.split(",") if m], _ints(args.bits, "--bits"),
                        _ints(args.group_size, "--group-size"), args.sym)
     text = args.text or str(Path(__file__).resolve().parents[2].parent / "shared/data/wikitext-2-raw/wiki.test.raw")
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
+                      strict=args.strict)
     windows = eval_windows(tokenize_text(tok, read_text(text)), args.seqlen, args.windows)
     calib = None
     if any(compare_needs_calib(c) for c in cands):

@@ -5,17 +5,16 @@ import math
 from pathlib import Path
 
 from lowbit.atomic import write_json_atomic
-from lowbit.cli.common import add_model_arg, console
+from lowbit.cli.common import console, model_command
 
 DEFAULT_BASE = "<default model>"
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against --base",
+    p = model_command(sub, "eval", help="perplexity, and KL / top-1 agreement against --base",
                        description="Perplexity with the GPTQ paper's protocol: the text tokenized once "
                                    "without special tokens (no BOS), cut into non-overlapping windows of "
                                    "--seqlen (tail dropped), mean next-token NLL over all predicted tokens.")
-    add_model_arg(p)
     src = p.add_mutually_exclusive_group()
     src.add_argument("--text", help="a text file (read with universal newlines)")
     src.add_argument("--dataset", help="wikitext2 | ptb, through the `datasets` package (needs network)")
@@ -40,9 +39,11 @@ def run(args) -> int:
     if not args.text and not args.dataset:
         raise LowbitError("eval needs --text FILE or --dataset NAME")
     text = read_text(args.text) if args.text else load_dataset_text(args.dataset)
-    model, tok = load(args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
+                      strict=args.strict)
     base_path = None if args.base == DEFAULT_BASE else args.base
-    base = load(base_path, dtype=args.dtype, device=args.device, tokenizer=False)[0] if args.base else None
+    base = load(base_path, dtype=args.dtype, device=args.device, tokenizer=False,
+                strict=args.strict)[0] if args.base else None
     if base is not None and base.config.vocab_size != model.config.vocab_size:
         raise LowbitError(f"--base {args.base}: vocab {base.config.vocab_size} differs from the model's "
                           f"{model.config.vocab_size}; KL needs the same tokenizer")

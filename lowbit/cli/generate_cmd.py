@@ -15,8 +15,9 @@ def add_parser(sub) -> None:
 
 
 def add_model_arg_options(p) -> None:
-    from lowbit.cli.common import add_kv_arg
+    from lowbit.cli.common import add_kv_arg, add_strict_arg
     add_kv_arg(p)
+    add_strict_arg(p)
     p.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="at most this many new tokens (default 128)")
@@ -45,7 +46,8 @@ def run(args) -> int:
     model_path, prompt = (None, args.args[0]) if len(args.args) == 1 else args.args
     params = SamplingParams(temperature=0.0 if args.greedy else args.temperature, top_k=args.top_k,
                             top_p=args.top_p, max_tokens=args.max_new_tokens, stop=args.stop, seed=args.seed)
-    model, tok = load(model_path, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache)
+    model, tok = load(model_path, dtype=args.dtype, device=args.device, kv_cache=args.kv_cache,
+                      strict=args.strict)
     chat = not args.raw and bool(getattr(tok, "chat_template", None))
     ids = encode_prompt(tok, prompt, chat=chat)
 

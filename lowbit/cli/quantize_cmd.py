@@ -6,39 +6,42 @@ from pathlib import Path
 
 from lowbit.cli.common import add_model_arg, console
 
-# CLI flag -> method config field; a flag is passed on only when given, and only to methods that take it.
-METHOD_FLAGS = {
-    "bits": dict(type=int, help="weight bits 2..8"),
-    "group_size": dict(type=int, help="-1 per output channel, 0 per tensor, N groups of N inputs"),
-    "sym": dict(action=argparse.BooleanOptionalAction, help="symmetric grid (no zero point); --no-sym for asymmetric"),
-    "zero_point": dict(choices=["int", "float"], help="asymmetric offset: integer zero point or real minimum"),
-    "observer": dict(help="range observer: minmax | percentile | mse | kl"),
-    "act_scheme": dict(choices=["dynamic", "static"], help="activation scales: per-token dynamic or static"),
-    "act_order": dict(action=argparse.BooleanOptionalAction, help="GPTQ: columns by descending Hessian diagonal"),
-    "true_sequential": dict(action=argparse.BooleanOptionalAction,
-                            help="GPTQ: attention first, MLP statistics from the quantized attention (default on)"),
-    "mse_clip": dict(action=argparse.BooleanOptionalAction, help="GPTQ: MSE-optimal grid ranges"),
-    "percdamp": dict(type=float, help="GPTQ: dampening as a fraction of the mean Hessian diagonal"),
-    "alpha": dict(help="SmoothQuant migration strength in [0, 1], or 'auto' to search it"),
-    "clip": dict(action=argparse.BooleanOptionalAction, help="AWQ: weight-clipping search (default on)"),
-    "n_grid": dict(type=int, help="AWQ: grid points for the scale exponent"),
-    "threshold": dict(type=float, help="LLM.int8(): |x| >= threshold marks an outlier feature (default 6.0)"),
-    "act_bits": dict(type=int, help="ZeroQuant: activation bits (8 per-token dynamic, 16 none)"),
-    "lkd_steps": dict(type=int, help="ZeroQuant: layer-wise distillation steps per block (0 = off)"),
-    "lkd_lr": dict(type=float, help="ZeroQuant: LKD Adam learning rate"),
-    "attn_bits": dict(type=int, help="ZeroQuant: weight bits of the attention projections (default: --bits)"),
-    "lkd_inputs": dict(choices=["quantized", "float"], help="ZeroQuant: LKD block inputs (default quantized)"),
-}
+
+class _QuantizeParser(argparse.ArgumentParser):
+    """The quantize parser, which adds one flag per method config field (lowbit.quant.options) the first
+    time it parses or prints its help: the fields live in the method modules, which import torch, and the
+    other subcommands (and `lowbit --help`) should not pay for that."""
+
+    def _add_method_flags(self) -> None:
+        if getattr(self, "_method_flags", None) is not None:
+            return
+        from lowbit.quant.options import method_flags
+        from lowbit.quant.registry import registered_methods
+
+        self._method_flags = method_flags()
+        names = ", ".join(sorted(registered_methods()))
+        group = self.add_argument_group(
+            "method options", f"--method is one of {names}. Each option below applies to the methods in "
+                              "brackets (with their defaults); giving it to another is an error.")
+        for f in self._method_flags.values():
+            group.add_argument(f.flag, dest=f.name, default=None, help=f.help, **f.kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._add_method_flags()
+        return super().parse_known_args(args, namespace)
+
+    def format_help(self) -> str:
+        self._add_method_flags()
+        return super().format_help()
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a model with a registered method and save it",
                        description="Quantize the decoder blocks' Linears one block at a time and write a "
                                    "directory (safetensors + versioned quantization config + tokenizer).")
+    p.__class__ = _QuantizeParser   # argparse makes subparsers of the main parser's class; only this one is lazy
     add_model_arg(p)
-    p.add_argument("--method", default="rtn", help="registered method name (default rtn)")
-    for name, kw in METHOD_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, **({"default": None} | kw))
+    p.add_argument("--method", default="rtn", help="registered method, see method options (default rtn)")
     p.add_argument("--calib", help="calibration text file (e.g. ../shared/data/wikitext-2/valid.txt)")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="calibration window length (default 2048)")
@@ -54,18 +57,16 @@ def run(args) -> int:
     from lowbit.errors import LowbitError
     from lowbit.models.loader import load
     from lowbit.quant.api import calibration_windows, quantize
-    from lowbit.quant.registry import get_method, method_options
+    from lowbit.quant.options import method_flags
+    from lowbit.quant.registry import get_method
 
     method_name = args.method
-    allowed = method_options(method_name)
-    opts = {k: getattr(args, k) for k in METHOD_FLAGS if getattr(args, k) is not None}
-    bad = sorted(set(opts) - allowed) if allowed else []
-    if bad:
-        raise LowbitError(f"--{bad[0].replace('_', '-')} does not apply to --method {method_name}")
+    # the flags given; one that is not a field of this method's config is get_method's one-line error
+    opts = {k: getattr(args, k) for k in method_flags() if getattr(args, k, None) is not None}
     method = get_method(method_name, **opts)
     if Path(args.out).exists() and not args.force:
         raise LowbitError(f"-o {args.out}: already exists (pass --force to replace it)")
-    model, tok = load(args.model, dtype=args.dtype, device=args.device)
+    model, tok = load(args.model, dtype=args.dtype, device=args.device, strict=args.strict)
     calib = None
     if args.calib:
         calib = calibration_windows(tok, args.calib, args.nsamples, args.calib_seqlen, args.seed)

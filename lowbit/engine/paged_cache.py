@@ -12,16 +12,17 @@ from collections.abc import Sequence
 
 import torch
 
+from lowbit.analysis.memory import kv_token_bytes
 from lowbit.config import ModelConfig
 from lowbit.errors import LowbitError
 from lowbit.kernels import use_kernels
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype = torch.float16, kv_quant=None) -> int:
-    """Bytes of K and V for one token over all layers."""
+    """Bytes of K and V for one token over all layers, as the pools store them (analysis.kv_token_bytes)."""
     if kv_quant is not None:
         return kv_quant.bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
-    return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * torch.empty((), dtype=dtype).element_size()
+    return kv_token_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, torch.empty((), dtype=dtype).element_size())
 
 
 def num_blocks_for_memory(cfg: ModelConfig, bytes_available: int, block_size: int = 16,

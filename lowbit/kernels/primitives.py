@@ -18,13 +18,16 @@ x [..., d] -> [..., G, g], and one scale/zero covers one group:
   group_size = 0   the whole tensor              scale [1, ..., 1] (ndim + 1 ones)
 quantize/dequantize themselves are elementwise with broadcasting, so callers with other
 layouts (KV cache per head, per-token activations) can pass their own scale shapes.
+Weights [out, in]: quantize_weight / fake_quantize_weight also take a group size that does not
+divide `in` (a short last group) and scales rounded to their storage dtype; every layer and method
+quantizes weights through them.
 
 All functions are pure (no in-place writes to inputs) and torch-only.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -167,12 +170,21 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero, spec: QuantSpec,
     return x if dtype is None else x.to(dtype)
 
 
+def round_qparams(scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """scale/zero rounded to the dtype they are stored in (and kept in their own dtype), so that codes chosen
+    against them are the nearest ones for the stored scales and dequantizing from storage reproduces them."""
+    # A scale below the storage dtype's smallest normal would flush to 0 and divide by zero.
+    scale = scale.clamp(min=torch.finfo(dtype).tiny).to(dtype).to(scale.dtype)
+    return scale, zero.to(dtype).to(zero.dtype)
+
+
 def quantize_groups(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None,
-                    hi: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    hi: torch.Tensor | None = None,
+                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize x [..., d] by spec's groups -> (q [..., d], scale [..., G, 1], zero [..., G, 1]).
 
     lo/hi (grouped shape, e.g. from an observer) override the per-group min/max; values
-    outside them are clipped.
+    outside them are clipped. scale_dtype: scale/zero are first rounded to it (round_qparams).
     """
     xg = to_groups(x, spec.group_size)  # [..., G, g]
     if lo is None or hi is None:
@@ -180,6 +192,8 @@ def quantize_groups(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = 
         lo = xg.amin(dim=dims, keepdim=True) if lo is None else lo  # [..., G, 1]
         hi = xg.amax(dim=dims, keepdim=True) if hi is None else hi  # [..., G, 1]
     scale, zero = qparams(lo, hi, spec)
+    if scale_dtype is not None:
+        scale, zero = round_qparams(scale, zero, scale_dtype)
     q = quantize(xg, scale, zero, spec)  # [..., G, g]
     return from_groups(q, x.shape), scale, zero
 
@@ -192,10 +206,50 @@ def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
 
 
 def fake_quantize(x: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None,
-                  hi: torch.Tensor | None = None) -> torch.Tensor:
+                  hi: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
     """quantize -> dequantize in x's shape and dtype (range: per-group min/max unless lo/hi given)."""
-    q, scale, zero = quantize_groups(x, spec, lo, hi)
+    q, scale, zero = quantize_groups(x, spec, lo, hi, scale_dtype)
     return dequantize_groups(q, scale, zero, spec, dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------- weights [out, in]
+
+def weight_parts(spec: QuantSpec, n: int) -> list[tuple[slice, QuantSpec, slice]]:
+    """(columns, their spec, their groups on the scale's G axis) covering a weight's n input columns: all of
+    them, or the whole groups and then the short last group a group size not dividing n leaves (column j is
+    in group j // g, as in the GPTQ reference: SmolLM2's 576 inputs with g=128 are 4 x 128 + 64)."""
+    g = spec.group_size
+    if g <= 0 or n % g == 0:
+        return [(slice(0, n), spec, slice(0, n // g if g > 0 else 1))]
+    cut = n - n % g
+    head = [(slice(0, cut), spec, slice(0, cut // g))] if cut else []
+    return head + [(slice(cut, n), replace(spec, group_size=n % g), slice(cut // g, cut // g + 1))]
+
+
+def _part(t: torch.Tensor | None, groups: slice) -> torch.Tensor | None:
+    return None if t is None else t[:, groups]                   # [rows, G_p, 1] of [rows, G, 1]
+
+
+def _cat(ts) -> torch.Tensor:
+    return ts[0] if len(ts) == 1 else torch.cat(ts, 1)           # along columns / groups
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None,
+                    hi: torch.Tensor | None = None,
+                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_groups of w [out, in] by weight_parts (a short last group allowed) -> (codes [out, in],
+    scale [rows, G, 1], zero [rows, G, 1]); lo/hi [rows, G, 1]; rows = 1 per tensor, else out."""
+    parts = [quantize_groups(w[:, cols], sub, _part(lo, g), _part(hi, g), scale_dtype)
+             for cols, sub, g in weight_parts(spec, w.shape[1])]
+    q, scale, zero = (_cat(t) for t in zip(*parts))
+    return q, scale, zero
+
+
+def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None,
+                         hi: torch.Tensor | None = None, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """fake_quantize of w [out, in] by weight_parts (a short last group allowed), in w's dtype."""
+    return _cat([fake_quantize(w[:, cols], sub, _part(lo, g), _part(hi, g), scale_dtype)
+                 for cols, sub, g in weight_parts(spec, w.shape[1])])          # [out, in]
 
 
 # ----------------------------------------------------------------------------- activations

@@ -16,7 +16,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.int8_matmul import INT8_SYM
-from lowbit.layers.base import _parts, _QuantLinear, quantize_weight
+from lowbit.layers.base import _QuantLinear
 from lowbit.layers.fake import FakeQuantLinear
 from lowbit.layers.fp8 import FP8Linear
 from lowbit.layers.int8 import Int8Linear
@@ -56,4 +56,4 @@ def swap_linear(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 __all__ = ["LAYER_CLASSES", "INT8_SYM", "FakeQuantLinear", "FP8Linear", "Int8Linear", "MixedInt8Linear",
-           "WeightOnlyLinear", "build_layer", "outlier_columns", "quantize_weight", "swap_linear", "_parts"]
+           "WeightOnlyLinear", "build_layer", "outlier_columns", "swap_linear"]

@@ -1,7 +1,6 @@
-"""What every quantized Linear shares: argument checks, the grouped weight quantizer, the base class."""
+"""What every quantized Linear shares: argument checks, the weight ranges check, the base class."""
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 
@@ -9,9 +8,7 @@ import torch
 import torch.nn as nn
 
 from lowbit.errors import LowbitError
-from lowbit.quant.observers import observe
-from lowbit.kernels.primitives import (QuantSpec, from_groups, group_minmax, qparams, quantize,
-                                     quantize_groups, to_groups)
+from lowbit.kernels.primitives import QuantSpec
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -50,15 +47,6 @@ def _ragged(spec: QuantSpec, in_features: int) -> bool:
     return spec.group_size > 0 and in_features % spec.group_size != 0
 
 
-def _parts(spec: QuantSpec, in_features: int) -> list[tuple[slice, QuantSpec]]:
-    """Column slices and the spec each is quantized with: all columns, or (whole groups, the short last group)."""
-    if not _ragged(spec, in_features):
-        return [(slice(0, in_features), spec)]
-    cut = in_features - in_features % spec.group_size
-    tail = dataclasses.replace(spec, group_size=in_features % spec.group_size)
-    return [(slice(0, cut), spec), (slice(cut, in_features), tail)]
-
-
 def _fit(t, shape, dtype, device, name: str) -> torch.Tensor:
     """t reshaped to `shape`, cast to dtype and moved to device, as an own contiguous copy."""
     t = torch.as_tensor(t).detach()
@@ -73,36 +61,9 @@ def _linear_weight(linear: nn.Module) -> torch.Tensor:
     return linear.weight.detach().float()  # quantization math runs in float32
 
 
-def quantize_weight(w: torch.Tensor, spec: QuantSpec, lo=None, hi=None,
-                    scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [out, in] -> (codes [out, in], scale [rows, G, 1], zero [rows, G, 1]).
-
-    Like primitives.quantize_groups, except that scale/zero are first rounded to
-    scale_dtype (the dtype they are stored in), so the codes are the nearest ones for
-    the stored scales and dequantization from storage reproduces them exactly.
-    """
-    if scale_dtype is None:
-        return quantize_groups(w, spec, lo, hi)
-    wg = to_groups(w, spec.group_size)  # [out, G, g]
-    if lo is None or hi is None:
-        glo, ghi = group_minmax(w, spec.group_size)  # [rows, G, 1]
-        lo, hi = glo if lo is None else lo, ghi if hi is None else hi
-    scale, zero = qparams(lo, hi, spec)  # [rows, G, 1]
-    # A scale below the storage dtype's smallest normal would flush to 0 and divide by zero.
-    scale = scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).to(scale.dtype)
-    zero = zero.to(scale_dtype).to(zero.dtype)
-    q = quantize(wg, scale, zero, spec)  # [out, G, g]
-    return from_groups(q, w.shape), scale, zero
-
-
-def _weight_range(w: torch.Tensor, spec: QuantSpec, lo, hi, observer):
-    """(lo, hi) in the grouped layout [rows, G, 1] (None = per-group min/max), from lo/hi or an observer."""
-    if observer is not None:
-        if lo is not None or hi is not None:
-            raise LowbitError("pass either lo/hi or observer, not both")
-        if not (isinstance(observer, str) or callable(observer)):
-            raise LowbitError(f"observer must be a name or an Observer, got {type(observer).__name__}")
-        lo, hi = observe(w, spec, method=observer) if isinstance(observer, str) else observer(w)
+def _weight_range(w: torch.Tensor, spec: QuantSpec, lo, hi):
+    """Given ranges lo/hi ([rows, G] or [rows, G, 1]; None = per-group min/max) in the grouped layout
+    [rows, G, 1] that primitives.quantize_weight takes, checked against w's shape (and spec's group size)."""
     rows, g = _grouped_shape(spec, *w.shape)
     lo = None if lo is None else _fit(lo, (rows, g, 1), torch.float32, w.device, "lo")
     hi = None if hi is None else _fit(hi, (rows, g, 1), torch.float32, w.device, "hi")
@@ -158,6 +119,18 @@ class _QuantLinear(nn.Module):
         for name, value in values.items():
             if value is not None:
                 self._load(name, value)
+
+    def check_loaded(self) -> None:
+        """After a checkpoint's tensors are assigned (models.loader.build_model): every scale is positive
+        (NaN/Inf are left to the loader's finite check, which warns or refuses). Subclasses add the checks of
+        their own format. One vectorised pass per buffer: cheap next to reading the file."""
+        for name in ("scale", "w_scale", "act_scale"):
+            t = self._buffers.get(name)
+            if t is not None and not t.is_meta and t.numel():
+                n = int((t.float() <= 0).sum())
+                if n:
+                    raise LowbitError(f"{name} holds {n} value{'s' if n > 1 else ''} <= 0 (min {float(t.min()):g}); "
+                                      f"scales must be positive")
 
     def _check_input(self, x: torch.Tensor):
         if x.shape[-1] != self.in_features:

@@ -10,11 +10,11 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.int8_matmul import (ACT_QUANT, FP8_FMT)
-from lowbit.kernels.primitives import (QuantSpec, dequantize_groups, fp8_dequantize, fp8_quantize)
+from lowbit.kernels.primitives import QuantSpec, fake_quantize_weight, fp8_dequantize, fp8_quantize
 
 
 from lowbit.layers.base import (FP8_WEIGHT, _QuantLinear, _as_spec, _grouped_shape, _linear_weight,
-                                       _weight_range, quantize_weight)
+                                       _weight_range)
 
 
 # ----------------------------------------------------------------------------- fake quant
@@ -45,16 +45,15 @@ class FakeQuantLinear(_QuantLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, spec=None, act: str | None = None, act_scale=None, lo=None, hi=None,
-                    observer=None, scale_dtype: torch.dtype | None = None, dtype=torch.float32) -> "FakeQuantLinear":
-        """Weight -> primitives.fake_quantize(spec) (scale/zero first rounded to scale_dtype if given,
+                    scale_dtype: torch.dtype | None = None, dtype=torch.float32) -> "FakeQuantLinear":
+        """Weight -> primitives.fake_quantize_weight(spec) (scale/zero first rounded to scale_dtype if given,
         as WeightOnlyLinear stores them), or fp8 e4m3 for spec "fp8"/"fp8_channel", or kept for None."""
         w = _linear_weight(linear)  # [out, in]
         layer = cls(w.shape[1], w.shape[0], spec, act=act, static_act=act_scale is not None,
                     bias=linear.bias is not None, dtype=dtype, device=w.device)
         if isinstance(layer.spec, QuantSpec):
-            lo, hi = _weight_range(w, layer.spec, lo, hi, observer)
-            q, scale, zero = quantize_weight(w, layer.spec, lo, hi, scale_dtype)
-            w = dequantize_groups(q, scale, zero, layer.spec)  # [out, in]
+            lo, hi = _weight_range(w, layer.spec, lo, hi)
+            w = fake_quantize_weight(w, layer.spec, lo, hi, scale_dtype)  # [out, in]
         elif layer.spec is not None:
             w = fp8_dequantize(*fp8_quantize(w, FP8_FMT, per_channel=FP8_WEIGHT[layer.spec]))
         layer._load("weight", w)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.analysis.memory import kv_token_bytes
 from lowbit.errors import LowbitError
 from lowbit.kernels.primitives import dequantize_per_token, fp8_dequantize, fp8_quantize, quantize_per_token
 
@@ -44,4 +45,4 @@ class KVQuant:
 
     def bytes_per_token(self, num_layers: int, num_kv_heads: int, head_dim: int, scale_bytes: int = 4) -> int:
         """K and V, every layer: 1-byte codes plus one scale per head."""
-        return 2 * num_layers * num_kv_heads * (head_dim + scale_bytes)
+        return kv_token_bytes(num_layers, num_kv_heads, head_dim, 1, scale_bytes)

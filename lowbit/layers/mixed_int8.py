@@ -138,6 +138,16 @@ class MixedInt8Linear(_QuantLinear):
         w = self.outlier_weight(torch.arange(self.in_features, device=self.qweight.device))
         return w if dtype is None else w.to(dtype)
 
+    def check_loaded(self) -> None:
+        """Loaded tensors agree with the layer: fp_cols are distinct input dims, ascending."""
+        super().check_loaded()
+        c = self.fp_cols
+        if c is not None and c.numel():
+            if int(c.min()) < 0 or int(c.max()) >= self.in_features:
+                raise LowbitError(f"fp_cols must lie in [0, {self.in_features}), got [{int(c.min())}, {int(c.max())}]")
+            if c.numel() > 1 and not bool((c[1:] > c[:-1]).all()):
+                raise LowbitError("fp_cols must be ascending input dims without repeats")
+
     def _options(self):
         return {"threshold": self.threshold, "n_fp_cols": 0 if self.fp_cols is None else self.fp_cols.numel()}
 

@@ -9,11 +9,12 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.kernels import use_kernels
-from lowbit.kernels.primitives import (dequantize, dequantize_groups, pack, packed_numel, unpack)
+from lowbit.kernels.primitives import (dequantize, dequantize_groups, pack, packed_numel, quantize_weight,
+                                       unpack)
 
 
 from lowbit.layers.base import (_QuantLinear, _as_dtype, _as_spec, _grouped_shape, _linear_weight,
-                                       _parts, _ragged, _weight_range, quantize_weight)
+                                       _ragged, _weight_range)
 
 
 # ----------------------------------------------------------------------------- weight-only
@@ -42,24 +43,14 @@ class WeightOnlyLinear(_QuantLinear):
         self.register_buffer("g_idx", torch.empty(in_features, dtype=torch.int32, device=device) if has_gidx else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, spec, lo=None, hi=None, observer=None,
-                    dtype=torch.float16) -> "WeightOnlyLinear":
-        """Quantize linear's weight with spec; range per group from lo/hi ([rows, G] or [rows, G, 1],
-        e.g. clipped by AWQ/GPTQ), an observer (name or Observer) or min/max. dtype: scale/zero/bias storage."""
+    def from_linear(cls, linear: nn.Module, spec, lo=None, hi=None, dtype=torch.float16) -> "WeightOnlyLinear":
+        """Quantize linear's weight with spec; range per group from lo/hi ([rows, G] or [rows, G, 1], e.g.
+        clipped by AWQ or a method's observer) or min/max; codes against the scales as stored in dtype
+        (scale/zero/bias storage)."""
         spec, dtype = _as_spec(spec), _as_dtype(dtype)
         w = _linear_weight(linear)  # [out, in]
-        _grouped_shape(spec, *w.shape)  # group_size check before any work
-        codes, scales, zeros, g0 = [], [], [], 0
-        for cols, sub in _parts(spec, w.shape[1]):  # one part, or whole groups + the short last group
-            wp = w[:, cols]                                                     # [out, cols]
-            n_groups = _grouped_shape(sub, *wp.shape)[1]
-            part = slice(g0, g0 + n_groups)
-            lo_p, hi_p = _weight_range(wp, sub, None if lo is None else torch.as_tensor(lo)[:, part],
-                                       None if hi is None else torch.as_tensor(hi)[:, part], observer)
-            q, scale, zero = quantize_weight(wp, sub, lo_p, hi_p, scale_dtype=dtype)  # scale [rows, G_p, 1]
-            codes.append(q), scales.append(scale), zeros.append(zero)
-            g0 += n_groups
-        q, scale, zero = torch.cat(codes, 1), torch.cat(scales, 1), torch.cat(zeros, 1)
+        lo, hi = _weight_range(w, spec, lo, hi)  # group_size check before any work
+        q, scale, zero = quantize_weight(w, spec, lo, hi, scale_dtype=dtype)  # scale [rows, G, 1]
         g_idx = torch.arange(w.shape[1]) // spec.group_size if _ragged(spec, w.shape[1]) else None
         return cls.from_quantized(q, scale, None if spec.symmetric else zero, spec, linear.bias, g_idx=g_idx,
                                   dtype=dtype)
@@ -97,6 +88,23 @@ class WeightOnlyLinear(_QuantLinear):
         if bias is not None:
             layer._load("bias", bias)
         return layer
+
+    def check_loaded(self) -> None:
+        """Loaded tensors agree with the spec: g_idx names existing groups; an integer zero point holds integers
+        on the code grid (a float zero point may be any real offset)."""
+        super().check_loaded()
+        groups = self.scale.shape[1]
+        if self.g_idx is not None and self.g_idx.numel():
+            lo, hi = int(self.g_idx.min()), int(self.g_idx.max())
+            if lo < 0 or hi >= groups:
+                raise LowbitError(f"g_idx values must lie in [0, {groups}), got [{lo}, {hi}]")
+        if self.zero is not None and not self.spec.float_zero:
+            z = self.zero.float()
+            z = z[torch.isfinite(z)]
+            if z.numel() and bool(((z != z.round()) | (z < self.spec.qmin) | (z > self.spec.qmax)).any()):
+                raise LowbitError(f"zero must hold integers in [{self.spec.qmin}, {self.spec.qmax}] for "
+                                  f"{self.spec.tag} (an integer zero point), got values in "
+                                  f"[{float(z.min()):g}, {float(z.max()):g}]")
 
     def codes(self) -> torch.Tensor:
         """Unpacked codes [out, in] (int8 symmetric, uint8 otherwise)."""

@@ -106,19 +106,37 @@ def _q6_k(raw: torch.Tensor) -> torch.Tensor:
 
 # GGML type name -> (dequantizer over raw bytes, or None for plain float arrays)
 DEQUANTIZERS = {
-    "F32": None, "F16": None, "BF16": "bf16",
+    "F32": None, "F16": None, "F64": None, "BF16": "bf16",
     "Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1, "Q5_0": _q5_0, "Q5_1": _q5_1,
     "Q4_K": _q4_k, "Q6_K": _q6_k,
 }
 
 
+def _with_gguf(data: np.ndarray, type_name: str, name: str) -> torch.Tensor:
+    """The other block types the `gguf` package dequantizes (Q2_K, Q3_K, Q5_K, IQ*, TQ*, MXFP4, ...), in numpy:
+    slower than the torch paths above, but a file using them loads instead of being refused."""
+    import gguf
+    from gguf.quants import dequantize as gguf_dequantize
+
+    integer = type_name in ("I8", "I16", "I32", "I64")   # integer tensors are not weights
+    qtype = None if integer else getattr(gguf.GGMLQuantizationType, type_name, None)
+    try:
+        out = None if qtype is None else gguf_dequantize(np.asarray(data).view(np.uint8), qtype)
+    except NotImplementedError:
+        out = None
+    except (ValueError, TypeError) as e:
+        raise LowbitError(f"{name}: {type_name} data does not dequantize ({str(e).splitlines()[0]})") from None
+    if out is None:
+        raise LowbitError(f"{name}: unsupported GGUF tensor type {type_name} "
+                          f"(supported: {', '.join(DEQUANTIZERS)} and the types gguf.quants dequantizes)")
+    return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+
 def dequantize(data: np.ndarray, type_name: str, shape: tuple[int, ...], name: str = "tensor") -> torch.Tensor:
     """GGUF tensor data (as `gguf.GGUFReader` exposes it) -> float32 torch tensor of `shape` (torch order)."""
     if type_name not in DEQUANTIZERS:
-        raise LowbitError(f"{name}: unsupported GGUF tensor type {type_name} "
-                          f"(supported: {', '.join(DEQUANTIZERS)})")
-    fn = DEQUANTIZERS[type_name]
-    if fn is None:
+        t = _with_gguf(data, type_name, name)
+    elif (fn := DEQUANTIZERS[type_name]) is None:
         t = torch.from_numpy(np.array(data, copy=True)).float()
     elif fn == "bf16":
         # BF16 arrives as raw uint8/uint16 bytes: widen to fp32 by placing them in the high half.

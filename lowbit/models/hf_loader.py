@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.config import ModelConfig
+from lowbit.config import ModelConfig, rename_fields
 from lowbit.errors import LowbitError, first_line
 from lowbit.files import field, read_json, regular_file
 from lowbit.models.arch import config_from_hf
@@ -13,10 +13,19 @@ from lowbit.models.arch import config_from_hf
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
+# ModelConfig field -> config.json key, where they differ (errors name the key the file has)
+HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+            "num_kv_heads": "num_key_value_heads"}
+
+
 def config_json(f: Path) -> ModelConfig:
     """ModelConfig from a config.json file (any supported architecture), validated."""
     name = f.parent.name if f.name == "config.json" else f.stem
-    return config_from_hf(read_json(f, "config file"), name=name, where=str(f))
+    d = read_json(f, "config file")
+    try:
+        return config_from_hf(d, name=name, where=str(f))
+    except LowbitError as e:
+        raise LowbitError(f"{f}: {rename_fields(str(e).removeprefix(f'{f}: '), HF_NAMES)}") from None
 
 
 def hf_config(path: Path) -> ModelConfig:
@@ -28,12 +37,11 @@ def safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = field(read_json(index, "shard index"), "weight_map", dict, str(index))
-        names = set(weight_map.values())
-        bad = next((n for n in names if not isinstance(n, str) or Path(n).name != n or not n), None)
-        if bad is not None or not names:
+        bad = [v for v in weight_map.values() if not isinstance(v, str) or not v or Path(v).name != v]
+        if bad or not weight_map:
             raise LowbitError(f"{index}: field 'weight_map' must map tensor names to shard file names in this "
-                              f"directory, got {bad!r}")
-        files = [path / f for f in sorted(names)]
+                              f"directory, got {bad[0] if bad else weight_map!r}")
+        files = [path / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.exists():
                 raise LowbitError(f"{index}: lists shard {f.name}, which is missing")

@@ -4,13 +4,16 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from lowbit.config import ModelConfig
 from lowbit.device import check_device
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, LowbitWarning, about_file
+from lowbit.files import only_regular_files
 from lowbit.layers import build_layer, swap_linear
 from lowbit.layers.kv_quant import KVQuant
 from lowbit.models import checkpoint, gguf_loader, hf_loader
@@ -60,9 +63,17 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtyp
         model = LlamaForCausalLM(cfg)
     for name, layer_cfg in (quantized or {}).items():
         try:
-            swap_linear(model, name, build_layer(layer_cfg, device="meta"))
+            layer = build_layer(layer_cfg, device="meta")
+            old = swap_linear(model, name, layer)
         except LowbitError as e:
             raise LowbitError(f"{where_quantized or source}: module {name}: {e}") from None
+        if not isinstance(old, nn.Linear):
+            raise LowbitError(f"{where_quantized or source}: module {name} is a {type(old).__name__} in a "
+                              f"{cfg.arch} model, not a Linear that a quantized layer can replace")
+        if (layer.in_features, layer.out_features) != (old.in_features, old.out_features):
+            raise LowbitError(f"{where_quantized or source}: module {name}: the quantized layer maps "
+                              f"{layer.in_features} -> {layer.out_features} features, the config implies "
+                              f"{old.in_features} -> {old.out_features}")
     expected = dict(model.state_dict())
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
@@ -91,20 +102,38 @@ def build_model(cfg: ModelConfig, sd: dict[str, torch.Tensor], dtype: torch.dtyp
     model.load_state_dict({k: sd[k] for k in expected}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    for m in model.modules():          # quantized layers check their tensors against their own config
+    for name, m in model.named_modules():   # quantized layers check their tensors against their own config
         if hasattr(m, "check_loaded"):
-            m.check_loaded()
+            try:
+                m.check_loaded()
+            except LowbitError as e:
+                raise LowbitError(f"{source}: module {name}: {e}") from None
     model.init_rope(device)
     return model.eval()
 
 
+def check_finite(sd: dict[str, torch.Tensor], source: str, strict: bool = False) -> list[str]:
+    """Names of the floating tensors holding NaN or Inf: a warning naming them, or an error when strict."""
+    bad = [k for k, t in sd.items() if t.is_floating_point()
+           and not bool(torch.isfinite(t if t.element_size() > 1 else t.float()).all())]
+    if bad:
+        msg = (f"{source}: NaN or Inf in {len(bad)} tensor{'s' if len(bad) > 1 else ''}: {', '.join(bad[:4])}"
+               + (f" and {len(bad) - 4} more" if len(bad) > 4 else ""))
+        if strict:
+            raise LowbitError(msg + " (refused: --strict)")
+        warnings.warn(msg, LowbitWarning, stacklevel=4)   # at the line that called load()
+    return bad
+
+
 def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
-         tokenizer: bool = True, verbose: bool = False, kv_cache: str | None = None):
+         tokenizer: bool = True, verbose: bool = False, kv_cache: str | None = None, strict: bool = False):
     """Load a model: a Hugging Face directory, a GGUF file, a lowbit quantized directory, or None for the
     default SmolLM2-135M-Instruct.
 
     kv_cache: "int8" | "fp8" quantizes keys/values (a quantized checkpoint may carry its own setting).
+    strict: NaN or Inf in the weights is an error (else a LowbitWarning naming the tensors).
     Returns (model, tokenizer); tokenizer is None when `tokenizer=False`.
+    A malformed input is a one-line LowbitError naming the file, for problems no check foresaw too.
     """
     t0 = time.perf_counter()
     check_device(device)
@@ -112,28 +141,8 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", devi
     torch_dtype = resolve_dtype(dtype)
     if not path.exists():
         raise LowbitError(f"{path}: no such file or directory")
-    qcfg = None
-    if path.is_dir():
-        cfg = hf_loader.hf_config(path)
-        quantized = checkpoint.is_quantized_dir(path)
-        if quantized:
-            qcfg = checkpoint.read_qconfig(path)
-            files = [path / "model.safetensors"]
-            if not files[0].exists():
-                raise LowbitError(f"{path}: model.safetensors is missing")
-        else:
-            files = hf_loader.safetensors_files(path)
-        sd = hf_loader.read_safetensors(files)
-        model = build_model(cfg, sd, torch_dtype, device, source=str(files[0] if quantized else path),
-                            quantized=qcfg["modules"] if qcfg else None,
-                            where_quantized=str(path / checkpoint.QCONFIG))
-        tok = hf_loader.hf_tokenizer(path) if tokenizer else None
-    else:
-        reader = gguf_loader.open_gguf(path)
-        cfg = gguf_loader.gguf_config(reader, path)
-        sd = gguf_loader.gguf_state_dict(reader, cfg, path)
-        model = build_model(cfg, sd, torch_dtype, device, source=str(path))
-        tok = gguf_loader.gguf_tokenizer(reader, path) if tokenizer else None
+    with about_file(path, "cannot load"):   # the last resort, behind the precise checks of each reader
+        model, tok, cfg, qcfg = _read(path, torch_dtype, device, tokenizer, strict)
     if qcfg is not None:
         model.quantization_config = qcfg
     kv_cache = kv_cache or (qcfg or {}).get("kv_cache")
@@ -147,11 +156,43 @@ def load(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", devi
     return model, tok
 
 
+def _read(path: Path, torch_dtype: torch.dtype, device: str, tokenizer: bool, strict: bool):
+    """(model, tokenizer, config, quantization config or None) from a directory or a GGUF file."""
+    qcfg = None
+    if path.is_dir():
+        only_regular_files(path, "model directory")
+        cfg = hf_loader.hf_config(path)
+        quantized = checkpoint.is_quantized_dir(path)
+        if quantized:
+            qcfg = checkpoint.read_qconfig(path)
+            files = [path / "model.safetensors"]
+            if not files[0].exists():
+                raise LowbitError(f"{path}: model.safetensors is missing")
+        else:
+            files = hf_loader.safetensors_files(path)
+        sd = hf_loader.read_safetensors(files)
+        source = str(files[0] if len(files) == 1 else path)   # the one weights file, or the sharded dir
+        check_finite(sd, source, strict)
+        model = build_model(cfg, sd, torch_dtype, device, source=source,
+                            quantized=qcfg["modules"] if qcfg else None,
+                            where_quantized=str(path / checkpoint.QCONFIG))
+        tok = hf_loader.hf_tokenizer(path) if tokenizer else None
+    else:
+        g = gguf_loader.open_gguf(path)
+        cfg = gguf_loader.gguf_config(g, path)
+        sd = gguf_loader.gguf_state_dict(g, cfg, path)
+        check_finite(sd, str(path), strict)
+        model = build_model(cfg, sd, torch_dtype, device, source=str(path))
+        tok = gguf_loader.gguf_tokenizer(g, path) if tokenizer else None
+    return model, tok, cfg, qcfg
+
+
 def load_config(path: str | Path | None = None) -> ModelConfig:
     """Only the architecture of a model (HF dir, config.json or GGUF file), reading no weights."""
     path = default_model_path() if path is None else Path(path)
-    if path.is_dir():
-        return hf_loader.hf_config(path)
-    if path.suffix == ".json":
-        return hf_loader.config_json(path)
-    return gguf_loader.gguf_config(gguf_loader.open_gguf(path), path)
+    with about_file(path, "cannot read the config"):
+        if path.is_dir():
+            return hf_loader.hf_config(path)
+        if path.suffix == ".json":
+            return hf_loader.config_json(path)
+        return gguf_loader.gguf_config(gguf_loader.open_gguf(path), path)

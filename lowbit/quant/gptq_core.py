@@ -24,7 +24,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.quant.observers import MSEObserver
-from lowbit.kernels.primitives import QuantSpec, dequantize, qparams, quantize
+from lowbit.kernels.primitives import QuantSpec, dequantize, qparams, quantize, round_qparams
 
 MAX_DAMP_RETRIES = 4  # percdamp x10 each time: 0.01 -> 0.1 -> 1 -> 10 -> 100
 RETRY_PERCDAMP_FROM_ZERO = 0.01  # x10 of 0 is 0, so a failed percdamp=0 restarts at the reference default
@@ -95,8 +95,7 @@ def _row_params(block: torch.Tensor, spec: QuantSpec, mse_clip: bool, per_tensor
         lo, hi = block.amin(1, keepdim=True), block.amax(1, keepdim=True)  # [out, 1]
     scale, zero = qparams(lo, hi, spec)
     if scale_dtype is not None:
-        scale = scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).to(scale.dtype)
-        zero = zero.to(scale_dtype).to(zero.dtype)
+        scale, zero = round_qparams(scale, zero, scale_dtype)
     n_rows = block.shape[0]
     return scale.expand(n_rows, 1).clone(), zero.expand(n_rows, 1).clone()  # [out, 1]
 

@@ -26,7 +26,7 @@ import math
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.kernels.primitives import QuantSpec, dequantize, group_dims, qparams, quantize, to_groups
+from lowbit.kernels.primitives import QuantSpec, dequantize, group_dims, qparams, quantize, to_groups, weight_parts
 
 
 def _as_work(x: torch.Tensor) -> torch.Tensor:
@@ -337,3 +337,11 @@ def get_observer(name: str, spec: QuantSpec | None = None, **kwargs) -> Observer
 def observe(x: torch.Tensor, spec: QuantSpec, method: str = "minmax", **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
     """One-shot (lo, hi) of x for spec's granularity with the named observer."""
     return get_observer(method, spec, **kwargs)(x)
+
+
+def observe_weight(w: torch.Tensor, spec: QuantSpec, method: str = "minmax",
+                   **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """observe() of a weight w [out, in] by primitives.weight_parts: the short last group a group size not
+    dividing `in` leaves is observed on its own -> (lo, hi) [rows, G, 1] for primitives.quantize_weight."""
+    los, his = zip(*(observe(w[:, cols], sub, method, **kwargs) for cols, sub, _ in weight_parts(spec, w.shape[1])))
+    return torch.cat(los, 1), torch.cat(his, 1)

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 
 from lowbit.device import check_device
-from lowbit.quant.registry import Method
+from lowbit.quant.context import BATCH, BlockContext, run_block
+from lowbit.quant.registry import BlockReport
+
+__all__ = ["BATCH", "BlockContext", "LayerReport", "QuantReport", "block_inputs", "quantize_model", "run_block"]
 
 
 @dataclass
@@ -35,10 +38,23 @@ class QuantReport:
     layers: list[LayerReport] = field(default_factory=list)
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    # per block, what the method's prepare_block / finish_block reported ({"block": i, ...}): AWQ's and
+    # SmoothQuant's chosen α and losses, ZeroQuant's LKD log
+    blocks: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {"method": self.method, "seconds": self.seconds, "peak_memory_bytes": self.peak_memory_bytes,
-                "layers": [asdict(r) for r in self.layers]}
+                "layers": [asdict(r) for r in self.layers], "blocks": self.blocks}
+
+    def add_block(self, index: int, rep: BlockReport | None) -> None:
+        """Record what a block hook returned: its entry, and the numbers for that block's layer rows."""
+        if rep is None:
+            return
+        if rep.entry:
+            self.blocks.append({"block": index, **rep.entry})
+        for r in self.layers:
+            if r.block == index and r.name in rep.layer_extra:
+                r.extra.update(rep.layer_extra[r.name])
 
     def extra_grid(self, key: str) -> dict[int, dict[str, float]]:
         """{block: {kind: value}} of one numeric entry of the layers' `extra` (empty when none has it)."""
@@ -114,17 +130,17 @@ def _named_linears(block: nn.Module, names) -> dict[str, nn.Linear]:
     return {n: block.get_submodule(n) for n in names}
 
 
-def _sinks(method, linears: dict[str, nn.Linear], layout) -> tuple[dict[str, _Sinks], dict[str, nn.Module]]:
+def _sinks(ctx: BlockContext, method, linears: dict[str, nn.Linear]) -> tuple[dict[str, _Sinks], dict]:
     """Sinks per Linear, and the Linears to hook. When the method's statistics depend on the inputs only,
     Linears reading the same input (q/k/v, gate/up) share one sink, fed once: one Hessian, not three."""
     share = {}
     if method.shares_input_stats:
-        share = {c: producer for producer, consumers in layout.input_groups for c in consumers}
+        share = {c: producer for producer, consumers in ctx.layout.input_groups for c in consumers}
     sinks, hooked, by_input = {}, {}, {}
     for n, lin in linears.items():
         key = share.get(n, n)
         if key not in by_input:
-            by_input[key] = _Sinks(method.collector(n, lin), RowSample())
+            by_input[key] = _Sinks(method.collector(ctx, n, lin), RowSample())
             hooked[n] = lin
         sinks[n] = by_input[key]
     return sinks, hooked
@@ -138,49 +154,6 @@ def _hook_inputs(modules: dict[str, nn.Module], sinks: dict[str, _Sinks]):
             sinks[_name].update(args[0])
         handles.append(mod.register_forward_pre_hook(hook))
     return handles
-
-
-class _Stop(Exception):
-    """Raised by a hook once the Linears a pass is for have all run: the rest of the block is not needed."""
-
-
-BATCH = 8   # calibration windows per forward of a block (or stage)
-
-
-@torch.no_grad()
-def run_block(block: nn.Module, xs: torch.Tensor, kw: dict, device, batch: int = BATCH,
-              stop_after: dict[str, nn.Module] | None = None, fn=None) -> torch.Tensor | None:
-    """The block (or fn, one of its stages) over calibration hidden states xs [N, S, d] (CPU), `batch`
-    windows at a time.
-
-    stop_after: a statistics pass only needs these modules' inputs, so each batch stops once they have all
-    run (the statistics are the same as a full pass's; a true-sequential GPTQ pass for q/k/v then costs
-    almost nothing instead of a whole block). Returns None then, else the outputs [N, S, d]."""
-    ran: set[str] = set()
-    handles = []
-    for name, mod in (stop_after or {}).items():
-        def hook(_m, _args, _out, _name=name):
-            ran.add(_name)
-            if len(ran) == len(stop_after):
-                raise _Stop
-        handles.append(mod.register_forward_hook(hook))
-    out = None
-    try:
-        for i in range(0, xs.shape[0], batch):
-            x = xs[i: i + batch].to(device)                              # [b, S, d]
-            cos, sin = kw["cos"][: x.shape[0]], kw["sin"][: x.shape[0]]
-            ran.clear()
-            try:
-                y = (fn or block)(x, cos, sin)
-            except _Stop:
-                continue
-            if out is None:  # written in place: peak memory is xs and one output, not a list plus its cat
-                out = torch.empty((xs.shape[0], *y.shape[1:]), dtype=y.dtype)
-            out[i: i + y.shape[0]] = y
-    finally:
-        for h in handles:
-            h.remove()
-    return out if not stop_after else None                               # [N, S, d]
 
 
 @torch.no_grad()
@@ -223,53 +196,55 @@ def _format_bytes(m: nn.Module) -> int:
     return int(m.format_nbytes()) if hasattr(m, "format_nbytes") else _stored_bytes(m)
 
 
-def _quantize_group(block, i: int, method, linears: dict[str, nn.Linear], sinks, report: QuantReport) -> None:
+def _quantize_group(ctx: BlockContext, method, linears: dict[str, nn.Linear], sinks, report: QuantReport) -> None:
     """Replace each Linear of one group by the method's quantized module, with a report row for it."""
     from lowbit.layers import swap_linear
 
     for n, lin in linears.items():
         sk = sinks.get(n)
-        new = method.quantize_linear(n, lin, sk.stats if sk is not None else None)
+        res = method.quantize_linear(ctx, n, lin, sk.stats if sk is not None else None)
+        new = res.layer
         rows = sk.rows.tensor() if sk is not None else None                # [n_rows, in] for the report
         report.layers.append(LayerReport(
-            block=i, name=n, kind=type(new).__name__, fp16_bytes=_fp16_bytes(lin),
+            block=ctx.index, name=n, kind=type(new).__name__, fp16_bytes=_fp16_bytes(lin),
             stored_bytes=_stored_bytes(new), format_bytes=_format_bytes(new),
             weight_rel_err=_weight_rel_err(lin, new),
             output_rel_mse=_output_rel_mse(lin, new, rows) if rows is not None else None,
-            extra=getattr(new, "report_extra", {})))
-        swap_linear(block, n, new)
+            extra=dict(res.extra)))
+        swap_linear(ctx.block, n, new)
 
 
-def _whole_block(block, i, method, layout, xs, kw, device, report):
+def _whole_block(ctx: BlockContext, method, xs, report):
     """Statistics from whole-block passes (one per group); returns the quantized block's outputs (or None)."""
+    layout = ctx.layout
     groups = layout.sequential if method.true_sequential else (layout.linears,)
     targets = None
     for gi, group in enumerate(groups):
-        linears = _named_linears(block, group)
+        linears = _named_linears(ctx.block, group)
         sinks = {}
         if xs is not None:
-            sinks, hooked = _sinks(method, linears, layout)
+            sinks, hooked = _sinks(ctx, method, linears)
             full = gi == 0 and method.needs_targets   # the float block's outputs are wanted
             handles = _hook_inputs(hooked, sinks)
-            out = run_block(block, xs, kw, device, stop_after=None if full else linears)
+            out = ctx.run(xs, stop_after=None if full else linears)
             for h in handles:
                 h.remove()
             if full:
                 targets = out                          # the float block's outputs [N, S, d]
-        _quantize_group(block, i, method, linears, sinks, report)
+        _quantize_group(ctx, method, linears, sinks, report)
     if xs is None:
         return None
-    method.finish_block(block, xs, targets, kw)
-    return run_block(block, xs, kw, device)                               # quantized outputs [N, S, d]
+    report.add_block(ctx.index, method.finish_block(ctx, xs if method.needs_inputs else None, targets))
+    return ctx.run(xs)                                                    # quantized outputs [N, S, d]
 
 
-def _staged_block(block, i, method, layout, xs, kw, device, report):
+def _staged_block(ctx: BlockContext, method, xs, report):
     """True-sequential statistics one residual stage at a time (layout.stages): a group's pass runs only
     its stage, from that stage's quantized input, and stops after the group. When a stage's last group is
     its output Linear alone, that pass also captures the Linear's inputs, so the stage output is
     x + Linear(captured) and attention runs once for its statistics and never again."""
-    targets = run_block(block, xs, kw, device) if method.needs_targets else None
-    keep_inputs = type(method).finish_block is not Method.finish_block   # finish_block reads the inputs
+    block, layout, b = ctx.block, ctx.layout, ctx.batch
+    targets = ctx.run(xs) if method.needs_targets else None
     h, start = xs, 0                                                      # h: the current stage's input
     for fn_name, out_name in layout.stages:
         end = layout.linears.index(out_name) + 1
@@ -277,26 +252,26 @@ def _staged_block(block, i, method, layout, xs, kw, device, report):
         capture = None
         for group in (g for g in layout.sequential if set(g) <= names):
             linears = _named_linears(block, group)
-            sinks, hooked = _sinks(method, linears, layout)
+            sinks, hooked = _sinks(ctx, method, linears)
             # the buffer is [N, S, in]: only when that is no bigger than the hidden states themselves
             if group == (out_name,) and linears[out_name].in_features <= h.shape[-1]:
                 capture = sinks[out_name].capture = InputCapture(h.shape[0])
             handles = _hook_inputs(hooked, sinks)
-            run_block(block, h, kw, device, stop_after=linears, fn=stage)
+            ctx.run(h, fn=stage, stop_after=linears)
             for hd in handles:
                 hd.remove()
-            _quantize_group(block, i, method, linears, sinks, report)
+            _quantize_group(ctx, method, linears, sinks, report)
         if capture is None:
-            h = run_block(block, h, kw, device, fn=stage)                 # [N, S, d]
+            h = ctx.run(h, fn=stage)                                      # [N, S, d]
             continue
         out_linear, buf = block.get_submodule(out_name), capture.buf       # buf [N, S, in]
-        y = torch.empty_like(h) if (h is xs and keep_inputs) else h       # else in place: h is not read again
+        y = torch.empty_like(h) if (h is xs and method.needs_inputs) else h   # else in place: h is not read again
         with torch.no_grad():
-            for j in range(0, h.shape[0], BATCH):   # run_block's batch, so the sums are a whole pass's
-                r = h[j: j + BATCH].to(device) + out_linear(buf[j: j + BATCH].to(device))
-                y[j: j + BATCH] = r.to(y.device)
+            for j in range(0, h.shape[0], b):   # the runner's batch, so the sums are a whole pass's
+                r = h[j: j + b].to(ctx.device) + out_linear(buf[j: j + b].to(ctx.device))
+                y[j: j + b] = r.to(y.device)
         h = y
-    method.finish_block(block, xs if keep_inputs else None, targets, kw)
+    report.add_block(ctx.index, method.finish_block(ctx, xs if method.needs_inputs else None, targets))
     return h                                                              # quantized outputs [N, S, d]
 
 
@@ -325,10 +300,11 @@ def quantize_model(model, method, windows: torch.Tensor | None = None, device: s
         block.to(device)
         if kw is not None:
             kw = {k: v.to(device) for k, v in kw.items()}
-        if xs is not None:
-            method.prepare_block(block, layout, xs, kw)   # function-preserving (scale folding) or nothing
+        ctx = BlockContext(index=i, block=block, arch=model.arch, device=device, rope=kw)
+        if xs is not None:   # function-preserving (scale folding) or nothing
+            report.add_block(i, method.prepare_block(ctx, xs))
         walk = _staged_block if staged else _whole_block
-        xs = walk(block, i, method, layout, xs, kw, device, report)     # quantized outputs feed the next block
+        xs = walk(ctx, method, xs, report)                                # quantized outputs feed the next block
         block.to(home)
         last = report.layers[-len(layout.linears):]
         bar.set_postfix(err=f"{sum(r.output_rel_mse or r.weight_rel_err for r in last) / len(last):.2e}")

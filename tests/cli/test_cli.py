@@ -70,3 +70,81 @@ def test_bad_arguments(capsys, tmp_path):
     assert "none.txt: file not found" in capsys.readouterr().err
     assert main(["generate", "hi", "--max-new-tokens", "0"]) == 2
     assert "max_tokens" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- quantize: flags from the method configs
+
+def _method_fields():
+    """{method: its config's dataclass fields} of every registered method."""
+    import dataclasses
+
+    from lowbit.quant.registry import registered_methods
+    return {m: dataclasses.fields(cls.config_cls) for m, cls in registered_methods().items()}
+
+
+def _argv_value(f) -> tuple[list[str], object]:
+    """CLI arguments setting field f to its default (8 for an unset int), and that value."""
+    flag = "--" + f.name.replace("_", "-")
+    if isinstance(f.default, bool):
+        return [flag if f.default else "--no-" + flag[2:]], f.default
+    value = 8 if f.default is None else f.default
+    return [flag, str(value)], value
+
+
+def test_quantize_help_lists_every_method_option(capsys, monkeypatch):
+    """Every config field of every registered method is a `lowbit quantize` flag whose help names the method."""
+    monkeypatch.setenv("COLUMNS", "1000")                                 # no wrapping inside a help text
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    entries, flag = {}, None                                               # option string -> its help
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  -"):                                         # an option, help beside or below
+            flag = line.split()[0].rstrip(",")
+            entries[flag] = line
+        elif flag and line.startswith("   "):
+            entries[flag] += line
+        else:
+            flag = None
+    for method, fields in _method_fields().items():
+        for f in fields:
+            flag = "--" + f.name.replace("_", "-")
+            assert flag in entries and f"{method}=" in entries[flag], (flag, method, entries.get(flag))
+
+
+def test_quantize_flags_set_every_method_option(tmp_path, capsys):
+    """Each method takes all of its fields from the command line: the parsed flags build the same config as
+    the values themselves, and the real command accepts them (it stops at the existing -o, before loading)."""
+    from lowbit.cli.main import build_parser
+    from lowbit.quant.registry import get_method, registered_methods
+
+    (tmp_path / "q").mkdir()
+    for method, fields in _method_fields().items():
+        argv, values = ["quantize", "--method", method, "-o", str(tmp_path / "q")], {}
+        for f in fields:
+            args, values[f.name] = _argv_value(f)
+            argv += args
+        ns = build_parser().parse_args(argv)
+        cfg_cls = registered_methods()[method].config_cls
+        assert get_method(method, **{k: getattr(ns, k) for k in values}).cfg == cfg_cls(**values)
+        assert main(argv) == 2
+        assert "already exists" in capsys.readouterr().err, method
+
+
+def test_quantize_inapplicable_flag_is_a_one_line_error(tmp_path, capsys):
+    out = tmp_path / "q"
+    for method, argv, flag in (("rtn", ["--max-shrink", "0.3"], "--max-shrink"), ("w8a8", ["--bits", "4"], "--bits"),
+                               ("gptq", ["--no-lkd-norms"], "--lkd-norms")):
+        assert main(["quantize", "--method", method, *argv, "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and flag in err and f"--method {method}" in err, err
+    assert not out.exists()
+
+
+def test_quantize_on_the_default_model(tmp_path, capsys):
+    """The real command end to end: RTN W8 g64 asymmetric, its options in the checkpoint's config."""
+    out = tmp_path / "rtn"
+    assert main(["quantize", "--method", "rtn", "--bits", "8", "--group-size", "64", "--no-sym", "-o", str(out)]) == 0
+    method = json.loads((out / "quantization_config.json").read_text())["method"]
+    assert method == {"method": "rtn", "bits": 8, "group_size": 64, "sym": False, "zero_point": "int",
+                      "observer": "minmax"}
+    assert "saved" in capsys.readouterr().out

@@ -8,9 +8,9 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.primitives import (
-    QuantSpec, dequantize, dequantize_groups, dequantize_per_token, fake_quantize, fp8_dequantize,
-    fp8_quantize, group_minmax, pack, pack_int32, packed_numel, qparams, quantize, quantize_groups,
-    quantize_per_token, to_groups, unpack, unpack_int32,
+    QuantSpec, dequantize, dequantize_groups, dequantize_per_token, fake_quantize, fake_quantize_weight,
+    fp8_dequantize, fp8_quantize, group_minmax, pack, pack_int32, packed_numel, qparams, quantize,
+    quantize_groups, quantize_per_token, quantize_weight, to_groups, unpack, unpack_int32,
 )
 
 BITS = list(range(2, 9))
@@ -240,6 +240,27 @@ def test_pack_bad_input():
 def test_bad_bits(bits):
     with pytest.raises(LowbitError, match=r"bits must be an integer in \[2, 8\]"):
         QuantSpec(bits=bits)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, False, 128), QuantSpec(3, True, 100), QuantSpec(4, False, 0),
+                                  QuantSpec(4, False, -1), QuantSpec(4, False, 600)])
+def test_weight_short_last_group_and_stored_scales(spec):
+    """quantize_weight / fake_quantize_weight: the whole groups, then the short last group as a tensor of its
+    own (column j in group j // g); scale_dtype rounds scales before codes are chosen."""
+    w = torch.randn(40, 576, generator=torch.Generator().manual_seed(0))
+    g = spec.group_size
+    cut = 576 - 576 % g if g > 0 else 576
+    parts = [(w[:, :cut], spec)] if cut else []
+    if cut < 576:
+        parts.append((w[:, cut:], QuantSpec(spec.bits, spec.symmetric, 576 % g)))
+    ref = torch.cat([fake_quantize(p, s) for p, s in parts], 1)
+    assert torch.equal(fake_quantize_weight(w, spec), ref)
+    q, scale, zero = quantize_weight(w, spec, scale_dtype=torch.float16)
+    assert scale.shape == ((1 if g == 0 else 40), -(-576 // g) if g > 0 else 1, 1)
+    assert torch.equal(scale, scale.half().float())                       # exactly what fp16 storage holds
+    gi = torch.arange(576) // g if g > 0 else torch.zeros(576, dtype=torch.long)
+    deq = dequantize(q, scale[:, gi, 0], zero[:, gi, 0], spec)            # [out, in], group of each column
+    assert torch.equal(deq, fake_quantize_weight(w, spec, scale_dtype=torch.float16))
 
 
 def test_bad_spec_and_groups():

@@ -1,6 +1,8 @@
 """Quantized linear layers: each real layer against its fake-quant / integer / float64 reference."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,10 @@ from lowbit.errors import LowbitError
 from lowbit.kernels.int8_matmul import int8_mm
 from lowbit.layers import (INT8_SYM, LAYER_CLASSES, FakeQuantLinear, FP8Linear, Int8Linear,
                                  WeightOnlyLinear, build_layer, swap_linear)
-from lowbit.quant.observers import get_observer
+from lowbit.models.arch import LLAMA
+from lowbit.quant.observers import get_observer, observe
+from lowbit.quant.registry import get_method
+from lowbit.quant.walk import BlockContext
 from lowbit.kernels.primitives import (QuantSpec, fake_quantize, fp8_dequantize, fp8_quantize,
                                      quantize, quantize_groups, quantize_per_token)
 
@@ -85,21 +90,35 @@ def test_weight_only_fp16_storage_matches_reference(mode):
 
 
 def test_weight_only_given_ranges_and_observer():
+    # A layer takes ranges; finding them (an observer) is the method's job: RTN's observer option.
     spec = QuantSpec(bits=4, group_size=64)
     lin = _linear(bias=False)
     w = lin.weight.detach()
     lo, hi = get_observer("mse", spec, steps=10)(w)  # [out, G, 1], clipped
-    a = WeightOnlyLinear.from_linear(lin, spec, observer="percentile", dtype=torch.float32)
-    obs = get_observer("mse", spec, steps=10)
-    b = WeightOnlyLinear.from_linear(lin, spec, observer=obs, dtype=torch.float32)
+    b = WeightOnlyLinear.from_linear(lin, spec, lo=lo, hi=hi, dtype=torch.float32)
     c = WeightOnlyLinear.from_linear(lin, spec, lo=lo.squeeze(-1), hi=hi.squeeze(-1), dtype=torch.float32)
     ref = fake_quantize(w, spec, lo, hi)
     assert torch.equal(b.dequantized_weight(), ref) and torch.equal(c.dequantized_weight(), ref)
-    assert a.dequantized_weight().shape == ref.shape
-    with pytest.raises(LowbitError, match="observer"):
-        WeightOnlyLinear.from_linear(lin, spec, lo=lo, hi=hi, observer="mse")
+    ctx = BlockContext(0, nn.Module(), LLAMA)
+    a = get_method("rtn", bits=4, group_size=64, observer="percentile").quantize_linear(ctx, "mlp.up_proj", lin, None)
+    plo, phi = get_observer("percentile", spec)(w)
+    pref = WeightOnlyLinear.from_linear(lin, spec, lo=plo, hi=phi).dequantized_weight()   # fp16 scales, as RTN's
+    assert a.layer.dequantized_weight().shape == ref.shape and torch.equal(a.layer.dequantized_weight(), pref)
     with pytest.raises(LowbitError, match="lo"):
         WeightOnlyLinear.from_linear(lin, spec, lo=lo[:, :1], hi=hi)
+
+
+def test_rtn_observer_on_a_short_last_group():
+    """576 inputs in groups of 128: the observer sees the four whole groups, then the group of 64 on its own."""
+    torch.manual_seed(0)
+    lin = nn.Linear(576, 40, bias=False)
+    w = lin.weight.detach()
+    spec = QuantSpec(bits=4, group_size=128)
+    layer = get_method("rtn", bits=4, group_size=128, observer="mse").quantize_linear(
+        BlockContext(0, nn.Module(), LLAMA), "mlp.up_proj", lin, None).layer
+    (lo0, hi0), (lo1, hi1) = observe(w[:, :512], spec, "mse"), observe(w[:, 512:], replace(spec, group_size=64), "mse")
+    ref = WeightOnlyLinear.from_linear(lin, spec, lo=torch.cat([lo0, lo1], 1), hi=torch.cat([hi0, hi1], 1))
+    assert torch.equal(layer.dequantized_weight(), ref.dequantized_weight())
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))

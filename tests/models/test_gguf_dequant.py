@@ -61,8 +61,21 @@ def test_required_types_supported():
         assert t in DEQUANTIZERS
 
 
+@pytest.mark.parametrize("name", ["Q2_K", "Q3_K", "Q5_K", "IQ2_XXS", "IQ4_NL", "TQ2_0", "MXFP4"])
+def test_other_types_through_gguf(name):
+    """Types without a torch path here dequantize through gguf.quants (random blocks, finite fp16 scales)."""
+    qt = GGMLQuantizationType[name]
+    block, nbytes = GGML_QUANT_SIZES[qt]
+    raw = np.random.default_rng(3).integers(0, 256, size=(3, 2 * nbytes), dtype=np.uint8)
+    raw.view(np.uint16)[...] &= 0x3BFF  # every fp16 field finite and small, whatever its offset in the block
+    ref = gguf_dequantize(raw, qt).astype(np.float32)
+    np.testing.assert_array_equal(dequantize(raw, name, (3, 2 * block)).numpy(), ref)
+
+
 def test_unsupported_type_and_bad_shape():
-    with pytest.raises(LowbitError, match="unsupported GGUF tensor type IQ2_XXS"):
-        dequantize(np.zeros((1, 66), np.uint8), "IQ2_XXS", (1, 256), "blk.0.x")
+    with pytest.raises(LowbitError, match="unsupported GGUF tensor type Q8_K"):
+        dequantize(np.zeros((1, 292), np.uint8), "Q8_K", (1, 256), "blk.0.x")
+    with pytest.raises(LowbitError, match="unsupported GGUF tensor type I32"):
+        dequantize(np.zeros((1, 4), np.int32), "I32", (1, 4), "blk.0.x")
     with pytest.raises(LowbitError, match="expected shape"):
         dequantize(np.zeros((2, 34), np.uint8), "Q8_0", (2, 64), "t")

@@ -72,12 +72,13 @@ def test_unsupported_architecture(tmp_path):
 
 
 def test_unsupported_tensor_type(tmp_path):
-    p = tmp_path / "q2k.gguf"
-    raw = np.zeros((4, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q2_K][1]), np.uint8)
-    _write_gguf(p, tensors={"token_embd.weight": (raw, gguf.GGMLQuantizationType.Q2_K)})
+    """Q8_K (llama.cpp's intermediate type) is one that even gguf.quants does not dequantize."""
+    p = tmp_path / "q8k.gguf"
+    raw = np.zeros((4, gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K][1]), np.uint8)
+    _write_gguf(p, tensors={"token_embd.weight": (raw, gguf.GGMLQuantizationType.Q8_K)})
     with pytest.raises(LowbitError) as e:
         load(p, tokenizer=False)
-    assert "token_embd.weight: unsupported GGUF tensor type Q2_K" in _one_line(e)
+    assert "token_embd.weight: unsupported GGUF tensor type Q8_K" in _one_line(e)
 
 
 def test_gguf_missing_tensor_and_tokenizer(tmp_path):

@@ -19,35 +19,29 @@ from lowbit.text import eval_windows
 from lowbit.models.llama import LlamaForCausalLM
 from lowbit.models.loader import load
 from lowbit.quant import fold
-from lowbit.quant.api import calibration_windows, quantize
+from lowbit.quant.api import quantize
 from lowbit.layers import WeightOnlyLinear
 from lowbit.quant.methods.awq import (
     GroupGram,
-    fake_quantize_weight,
     search_clip,
     search_scale,
 )
-from lowbit.kernels.primitives import QuantSpec
+from lowbit.kernels.primitives import QuantSpec, fake_quantize_weight
 from lowbit.quant.registry import get_method
-from lowbit.quant.walk import block_inputs, run_block
+from lowbit.quant.walk import BlockContext, block_inputs
 
 K = 4                               # blocks quantized by the fast end-to-end tests
 W4G128 = dict(bits=4, group_size=128)
 
 
 @pytest.fixture(scope="module")
-def calib(smollm2, calib_path):
-    return calibration_windows(smollm2[1], calib_path, nsamples=2, seqlen=128, seed=0)
+def calib(frozen_calib):
+    return frozen_calib(2, 128)                                            # 2 x 128 frozen WikiText-2 valid
 
 
 @pytest.fixture(scope="module")
-def test_windows(wiki_ids):
-    return eval_windows(wiki_ids, 128, limit=2)                            # [2, 128] WikiText-2 test text
-
-
-@pytest.fixture(scope="module")
-def probe(wiki_ids):
-    return wiki_ids[1000:1096].view(2, 48)                                 # [2, 48]
+def probe(frozen_test_ids):
+    return frozen_test_ids[1000:1096].view(2, 48)                          # [2, 48]
 
 
 # ----------------------------------------------------------------------------- folding
@@ -57,20 +51,21 @@ def test_awq_scale_folding_keeps_the_float_model(smollm2, calib, probe):
     block) leave the model's logits unchanged."""
     model = copy_first_blocks(smollm2[0], 6)
     orig = dict(smollm2[0].named_parameters())
-    layout = model.arch.layout
     method = get_method("awq", n_grid=4, search_tokens=32, **W4G128)          # a coarse grid keeps this quick
     xs, kw = block_inputs(model, calib.windows[:1, :32])                          # one 32-token window
-    for block in list(model.model.layers)[:6]:
-        method.prepare_block(block, layout, xs, kw)
-        xs = run_block(block, xs, kw, "cpu")
+    history = []                                                                  # what prepare_block reports
+    for i, block in enumerate(list(model.model.layers)[:6]):
+        ctx = BlockContext(i, block, model.arch, "cpu", kw)
+        history.append(method.prepare_block(ctx, xs).entry)
+        xs = ctx.run(xs)
     # The folds did something: norm weights and the up_proj rows moved, by factors far from 1 somewhere.
     params = dict(model.named_parameters())
     ratio = {n: (params[n] / orig[n]).abs() for n in params if n.endswith(("layernorm.weight", "up_proj.weight"))}
     assert max(r.max().item() for r in ratio.values()) > 2 and min(r.min().item() for r in ratio.values()) < 0.5
-    assert len(method.history) == 6
-    assert all(h["skipped"] == ["self_attn.v_proj"] for h in method.history)     # GQA: 192 v outputs, 576 o inputs
+    assert len(history) == 6
+    assert all(h["skipped"] == ["self_attn.v_proj"] for h in history)     # GQA: 192 v outputs, 576 o inputs
     assert all(torch.equal(params[n], orig[n]) for n in params if "o_proj" in n)
-    assert any(g["alpha"] > 0 for h in method.history for g in h["groups"].values())
+    assert any(g["alpha"] > 0 for h in history for g in h["groups"].values())
     ref, got = _logits(smollm2[0], probe), _logits(model, probe)
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel <= 1e-5, rel
@@ -180,23 +175,23 @@ def test_clip_search_matches_brute_force():
 # ----------------------------------------------------------------------------- end to end on SmolLM2
 
 @pytest.fixture(scope="module")
-def awq_vs_rtn(smollm2, calib, test_windows):
+def awq_vs_rtn(smollm2, calib):
     out = {}
     for name, opts in (("rtn", {}), ("awq", dict(search_tokens=128))):   # AWQ's search on one 128-token window
         model = copy_first_blocks(smollm2[0], K)
-        res = quantize_first_blocks(model, name, calib, K, **W4G128, **opts)
-        ppl = evaluate(model, test_windows, progress=False).perplexity
-        out[name] = (model, res, ppl)
+        out[name] = (model, quantize_first_blocks(model, name, calib, K, **W4G128, **opts))
     return out
 
 
 def test_awq_beats_rtn_on_smollm2(awq_vs_rtn):
-    (_, rtn, rtn_ppl), (_, awq, awq_ppl) = awq_vs_rtn["rtn"], awq_vs_rtn["awq"]
+    (_, rtn), (_, awq) = awq_vs_rtn["rtn"], awq_vs_rtn["awq"]
     assert len(awq.report.layers) == K * 7
     assert all(r.kind == "WeightOnlyLinear" for r in awq.report.layers)
-    # measured: mean output rel. MSE 4.6e-3 (AWQ) vs 9.3e-3 (RTN); ppl 39.0 fp32, 39.8 AWQ, 40.7 RTN
+    # Per-layer output error against the float layer (on the calibration inputs): AWQ's is half RTN's, AWQ/RTN
+    # measured 0.50 (4.6e-3 vs 9.3e-3), at most AWQ_MAX over calibration seeds and library sets
+    # (benchmarks/results/test_margins.md). Perplexity on a few hundred tokens does not order the two reliably
+    # (AWQ/RTN PPL_RANGE over seeds and windows): that ordering is the slow all-blocks test's and quant_table's.
     assert mean_output_rel_mse(awq) < 0.8 * mean_output_rel_mse(rtn)
-    assert awq_ppl < rtn_ppl, (awq_ppl, rtn_ppl)
     for r in awq.report.layers:                                            # what the search chose, per layer
         kind = r.name.split(".")[-1]
         assert (r.extra["alpha"] is None) == (kind == "o_proj")            # o_proj: the GQA group is skipped
@@ -205,7 +200,7 @@ def test_awq_beats_rtn_on_smollm2(awq_vs_rtn):
 
 
 def test_awq_save_load_round_trip(tmp_path, smollm2, awq_vs_rtn, probe):
-    model, res, _ = awq_vs_rtn["awq"]
+    model, res = awq_vs_rtn["awq"]
     out = res.save(model, smollm2[1], tmp_path / "awq", save_dtype=None)
     loaded, _ = load(out)
     assert sum(isinstance(m, WeightOnlyLinear) for m in loaded.modules()) == K * 7
@@ -216,9 +211,9 @@ def test_awq_save_load_round_trip(tmp_path, smollm2, awq_vs_rtn, probe):
 
 
 @pytest.mark.slow
-def test_awq_beats_rtn_on_all_blocks(smollm2, calib_path, wiki_ids):
-    calib = calibration_windows(smollm2[1], calib_path, nsamples=4, seqlen=128, seed=0)
-    windows = eval_windows(wiki_ids, 256, limit=4)
+def test_awq_beats_rtn_on_all_blocks(smollm2, frozen_calib, frozen_test_ids):
+    calib = frozen_calib(4, 128)
+    windows = eval_windows(frozen_test_ids, 256, limit=4)
     ppl, mse = {}, {}
     for name in ("rtn", "awq"):
         model = copy.deepcopy(smollm2[0])

@@ -5,13 +5,13 @@ import pytest
 import torch
 
 from lowbit.models.loader import load
-from lowbit.quant.api import calibration_windows, quantize
+from lowbit.quant.api import quantize
 from lowbit.layers import WeightOnlyLinear
 
 
 @pytest.fixture(scope="module")
-def calib(smollm2_4, calib_path):
-    return calibration_windows(smollm2_4[1], calib_path, nsamples=2, seqlen=64, seed=0)
+def calib(frozen_calib):
+    return frozen_calib(2, 64)                                             # 2 x 64 frozen WikiText-2 valid
 
 
 def _layer_err(res):
@@ -25,7 +25,7 @@ def test_gptq_beats_rtn_on_the_same_grid(smollm2_4, calib):
     assert _layer_err(g) < 0.5 * _layer_err(r)
 
 
-def test_act_order_checkpoint_reloads_identically(tmp_path, smollm2_4, calib, wiki_ids):
+def test_act_order_checkpoint_reloads_identically(tmp_path, smollm2_4, calib, frozen_test_ids):
     """act-order with g=128 on 576-wide inputs: permuted, ragged groups; saved g_idx reproduces outputs."""
     model = copy.deepcopy(smollm2_4[0])
     res = quantize(model, "gptq", calib, progress=False, bits=4, group_size=128, act_order=True)
@@ -34,7 +34,7 @@ def test_act_order_checkpoint_reloads_identically(tmp_path, smollm2_4, calib, wi
     assert not torch.equal(q.g_idx, torch.sort(q.g_idx).values)          # really permuted groups
     out = res.save(model, smollm2_4[1], tmp_path / "gptq", save_dtype=None)
     loaded, _ = load(out)
-    ids = wiki_ids[:64][None]
+    ids = frozen_test_ids[:64][None]
     with torch.no_grad():
         assert torch.equal(loaded(ids), model(ids))
 
@@ -53,13 +53,14 @@ def _slow_true_sequential_gptq(model, windows, **opts):
     from lowbit.quant.gptq_core import HessianAccumulator
     from lowbit.layers import swap_linear
     from lowbit.quant.registry import get_method
-    from lowbit.quant.walk import block_inputs
+    from lowbit.quant.walk import BlockContext, block_inputs
 
     method, layout = get_method("gptq", **opts), model.arch.layout
     xs, kw = block_inputs(model, windows)                                  # [N, S, d]
     cos, sin = kw["cos"][: xs.shape[0]], kw["sin"][: xs.shape[0]]
     with torch.no_grad():
-        for block in model.get_submodule(layout.blocks):
+        for i, block in enumerate(model.get_submodule(layout.blocks)):
+            ctx = BlockContext(i, block, model.arch)
             for group in layout.sequential:
                 hs = {n: HessianAccumulator() for n in group}
                 hooks = [block.get_submodule(n).register_forward_pre_hook(
@@ -68,7 +69,7 @@ def _slow_true_sequential_gptq(model, windows, **opts):
                 for h in hooks:
                     h.remove()
                 for n in group:
-                    swap_linear(block, n, method.quantize_linear(n, block.get_submodule(n), hs[n]))
+                    swap_linear(block, n, method.quantize_linear(ctx, n, block.get_submodule(n), hs[n]).layer)
             xs = block(xs, cos, sin)
 
 

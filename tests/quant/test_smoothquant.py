@@ -11,11 +11,11 @@ from lowbit.errors import LowbitError
 from lowbit.eval.perplexity import evaluate
 from lowbit.text import eval_windows
 from lowbit.models.loader import load
-from lowbit.quant.api import calibration_windows, quantize
+from lowbit.quant.api import quantize
 from lowbit.layers import Int8Linear
 from lowbit.quant.methods.smoothquant import ALPHA_GRID, smooth_scales
 from lowbit.quant.registry import get_method
-from lowbit.quant.walk import block_inputs, run_block
+from lowbit.quant.walk import BlockContext, block_inputs
 
 K = 4                                # blocks quantized by the fast end-to-end tests
 
@@ -25,13 +25,13 @@ def _rel(a, b) -> float:
 
 
 @pytest.fixture(scope="module")
-def calib(smollm2, calib_path):
-    return calibration_windows(smollm2[1], calib_path, nsamples=2, seqlen=128, seed=0)
+def calib(frozen_calib):
+    return frozen_calib(2, 128)                                            # 2 x 128 frozen WikiText-2 valid
 
 
 @pytest.fixture(scope="module")
-def probe(wiki_ids):
-    return wiki_ids[1000:1096].view(2, 48)                                 # [2, 48]
+def probe(frozen_test_ids):
+    return frozen_test_ids[1000:1096].view(2, 48)                          # [2, 48]
 
 
 # ----------------------------------------------------------------------------- the formula
@@ -78,12 +78,12 @@ def test_smoothing_keeps_the_float_model(smollm2, calib, probe, linear_producers
     """SmoothQuant's scales folded into SmolLM2's first 8 blocks (no quantization; the same code runs for every
     block) leave the model's logits unchanged. linear_producers=True also folds into up_proj's rows."""
     model = copy_first_blocks(smollm2[0], 8)
-    layout = model.arch.layout
     method = get_method("smoothquant", linear_producers=linear_producers)
     xs, kw = block_inputs(model, calib.windows[:1, :64])                          # one 64-token window
-    for block in list(model.model.layers)[:8]:
-        method.prepare_block(block, layout, xs, kw)
-        xs = run_block(block, xs, kw, "cpu")
+    for i, block in enumerate(list(model.model.layers)[:8]):
+        ctx = BlockContext(i, block, model.arch, "cpu", kw)
+        method.prepare_block(ctx, xs)
+        xs = ctx.run(xs)
     orig = dict(smollm2[0].named_parameters())
     params = dict(model.named_parameters())
     moved = {n for n in params if not torch.equal(params[n], orig[n])}
@@ -104,49 +104,59 @@ def test_auto_alpha_search(smollm2, calib):
     """alpha="auto" evaluates 0.0..1.0 per block, keeps the least block-output error after W8A8 fake quant,
     and that beats W8A8 without smoothing on the same block."""
     model = copy_first_blocks(smollm2[0], 2)
-    layout = model.arch.layout
     method = get_method("smoothquant", alpha="auto", act_scheme="static")
     xs, kw = block_inputs(model, calib.windows)
-    for block in list(model.model.layers)[:2]:
-        absmax, ref = method.channel_stats(block, layout, xs, kw)
-        plain = method.block_error(block, layout, [], absmax, 0.0, xs, kw, ref)   # no smoothing, same W8A8
-        method.prepare_block(block, layout, xs, kw)
-        h = method.history[-1]
+    for i, block in enumerate(list(model.model.layers)[:2]):
+        ctx = BlockContext(i, block, model.arch, "cpu", kw)
+        absmax, ref = method.channel_stats(ctx, xs)
+        plain = method.block_error(ctx, [], absmax, 0.0, xs, ref)   # no smoothing, same W8A8
+        h = method.prepare_block(ctx, xs).entry
         assert set(h["errors"]) == set(ALPHA_GRID)
         assert h["errors"][h["alpha"]] == min(h["errors"].values())
         assert h["errors"][h["alpha"]] < plain, (h, plain)
-        xs = run_block(block, xs, kw, "cpu")                                  # smoothed float block -> next inputs
+        xs = ctx.run(xs)                                                      # smoothed float block -> next inputs
 
 
 # ----------------------------------------------------------------------------- end to end on SmolLM2
 
 @pytest.fixture(scope="module")
-def sq_vs_w8a8(smollm2, calib, probe):
+def sq_vs_w8a8(smollm2, calib):
     out = {}
-    ref = _logits(smollm2[0], probe)
     for scheme in ("dynamic", "static"):
         for name in ("w8a8", "smoothquant"):
             model = copy_first_blocks(smollm2[0], K)
-            res = quantize_first_blocks(model, name, calib, K, act_scheme=scheme)
-            out[name, scheme] = (model, res, _rel(_logits(model, probe), ref))
+            out[name, scheme] = (model, quantize_first_blocks(model, name, calib, K, act_scheme=scheme))
     return out
+
+
+SMOOTHED = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}     # the Linears whose inputs are smoothed
+
+
+def _mean_mse(res, kinds) -> float:
+    err = [r.output_rel_mse for r in res.report.layers if r.name.split(".")[-1] in kinds]
+    return sum(err) / len(err)
 
 
 @pytest.mark.parametrize("scheme", ["dynamic", "static"])
 def test_smoothquant_beats_naive_w8a8(sq_vs_w8a8, scheme):
-    (_, naive, naive_logit_err), (_, sq, sq_logit_err) = sq_vs_w8a8["w8a8", scheme], sq_vs_w8a8["smoothquant", scheme]
+    """Per-layer output error against the float layer, first 4 blocks (benchmarks/results/test_margins.md has
+    each ratio over calibration seeds and library sets). The smoothed Linears' error is about a quarter of naive
+    W8A8's (SQ/naive measured 0.27 dynamic, 0.26 static; at most SQ_MAX). Over all layers: 0.41 dynamic; static's
+    all-layer mean is down_proj's (unsmoothed) error and moves with the calibration windows (0.80-0.98), so only
+    the dynamic one is asserted. End to end on a few hundred tokens (logits error, KL) the ordering is within the
+    noise (SQ/naive 0.6-1.4 over seeds and windows): that is the slow all-blocks test's and quant_table's."""
+    (_, naive), (_, sq) = sq_vs_w8a8["w8a8", scheme], sq_vs_w8a8["smoothquant", scheme]
     assert all(r.kind == "Int8Linear" for r in sq.report.layers) and len(sq.report.layers) == K * 7
-    # measured (first 4 blocks): mean output rel. MSE dynamic 3.3e-4 vs 8.2e-4, static 5.4e-3 vs 6.4e-3;
-    # logits rel. error dynamic 0.072 vs 0.077, static 0.295 vs 0.349
-    assert mean_output_rel_mse(sq) < 0.9 * mean_output_rel_mse(naive)
-    assert sq_logit_err < naive_logit_err, (sq_logit_err, naive_logit_err)
-    smoothed = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    smoothed = _mean_mse(sq, SMOOTHED), _mean_mse(naive, SMOOTHED)
+    assert smoothed[0] < 0.5 * smoothed[1], smoothed
+    if scheme == "dynamic":
+        assert mean_output_rel_mse(sq) < 0.9 * mean_output_rel_mse(naive)
     for r in sq.report.layers:
-        assert (r.extra["alpha"] == 0.5) == (r.name.split(".")[-1] in smoothed)
+        assert (r.extra["alpha"] == 0.5) == (r.name.split(".")[-1] in SMOOTHED)
 
 
 def test_smoothquant_save_load_round_trip(tmp_path, smollm2, sq_vs_w8a8, probe):
-    model, res, _ = sq_vs_w8a8["smoothquant", "static"]
+    model, res = sq_vs_w8a8["smoothquant", "static"]
     out = res.save(model, smollm2[1], tmp_path / "sq", save_dtype=None)
     loaded, _ = load(out)
     q = [m for m in loaded.modules() if isinstance(m, Int8Linear)]
@@ -160,9 +170,9 @@ def test_smoothquant_save_load_round_trip(tmp_path, smollm2, sq_vs_w8a8, probe):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scheme", ["dynamic", "static"])
-def test_smoothquant_beats_naive_w8a8_on_all_blocks(smollm2, calib_path, wiki_ids, scheme):
-    calib = calibration_windows(smollm2[1], calib_path, nsamples=4, seqlen=128, seed=0)
-    windows = eval_windows(wiki_ids, 128, limit=2)
+def test_smoothquant_beats_naive_w8a8_on_all_blocks(smollm2, frozen_calib, frozen_test_ids, scheme):
+    calib = frozen_calib(4, 128)
+    windows = eval_windows(frozen_test_ids, 128, limit=2)
     mse, ppl = {}, {}
     for name in ("w8a8", "smoothquant"):
         model = copy.deepcopy(smollm2[0])

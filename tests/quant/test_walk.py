@@ -4,22 +4,23 @@ import json
 
 import pytest
 import torch
+from helpers import ppl_kl
 
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load
-from lowbit.quant.api import calibration_windows, quantize
+from lowbit.quant.api import quantize
 from lowbit.layers import FP8Linear, Int8Linear, WeightOnlyLinear
 from lowbit.quant.registry import get_method
 
 
 @pytest.fixture(scope="module")
-def calib(smollm2, calib_path):
-    return calibration_windows(smollm2[1], calib_path, nsamples=2, seqlen=64, seed=0)
+def calib(frozen_calib):
+    return frozen_calib(2, 64)                                            # 2 x 64 frozen WikiText-2 valid
 
 
 @pytest.fixture(scope="module")
-def probe(wiki_ids):
-    return wiki_ids[:96].view(2, 48)                                      # [2, 48]
+def probe(frozen_test_ids):
+    return frozen_test_ids[:96].view(2, 48)                               # [2, 48]
 
 
 def _logits(model, ids):
@@ -84,14 +85,20 @@ def test_save_load_identical_logits(tmp_path, smollm2_4, calib, probe, method, o
 
 
 def test_w8a8_close_to_float(smollm2, probe):
-    """Naive per-token W8A8 keeps most top-1 choices (measured 86% here: SmolLM2's activation outliers
-    cost it, which is what SmoothQuant addresses) and is far better than 4-bit per-tensor RTN."""
-    def agree(model):
-        return (_logits(model, probe).argmax(-1) == _logits(smollm2[0], probe).argmax(-1)).float().mean()
+    """Naive per-token W8A8 stays close to the float model, KL(float || W8A8) measured 0.047 nats/token on the
+    probe (at most WALK_KL over probe windows and library sets: benchmarks/results/test_margins.md), and keeps far
+    more top-1 choices than 4-bit per-tensor RTN (89% vs 3% here). Its own top-1 agreement moves with the 96
+    tokens (74-89% over probe windows; SmolLM2's activation outliers cost it, which is what SmoothQuant
+    addresses), so it is not asserted on its own."""
+    base = _logits(smollm2[0], probe)
     w8a8, rtn = copy.deepcopy(smollm2[0]), copy.deepcopy(smollm2[0])
     quantize(w8a8, "w8a8", None, progress=False)
     quantize(rtn, "rtn", None, progress=False, bits=4, group_size=0)
-    assert agree(w8a8) > 0.75 and agree(w8a8) > agree(rtn) + 0.2
+    got = {"w8a8": _logits(w8a8, probe), "rtn": _logits(rtn, probe)}
+    agree = {k: (v.argmax(-1) == base.argmax(-1)).float().mean().item() for k, v in got.items()}
+    _, kl = ppl_kl(got["w8a8"], base, probe)
+    assert kl < 0.2, kl
+    assert agree["w8a8"] > agree["rtn"] + 0.2, agree
 
 
 def test_corrupt_checkpoints(tmp_path, smollm2_4, calib):

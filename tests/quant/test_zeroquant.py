@@ -14,16 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from helpers import logits as _logits
-from helpers import ppl_kl as _ppl_kl
 
 from lowbit.errors import LowbitError
 from lowbit.models.loader import load
-from lowbit.quant.api import calibration_windows, quantize
+from lowbit.quant.api import quantize
 from lowbit.kernels.int8_matmul import ACT_QUANT
 from lowbit.layers import FakeQuantLinear, WeightOnlyLinear, build_layer
-from lowbit.quant.methods.zeroquant import quantize_weight
+from lowbit.kernels.primitives import fake_quantize_weight as quantize_weight
+from lowbit.models.arch import LLAMA
 from lowbit.kernels.primitives import QuantSpec
 from lowbit.quant.registry import get_method
+from lowbit.quant.walk import BlockContext
 
 W4G128 = QuantSpec(bits=4, symmetric=True, group_size=128)
 LKD = dict(lkd_steps=40, lkd_lr=2e-4, lkd_batch=2)
@@ -65,7 +66,8 @@ def test_layer_is_w4_weights_and_per_token_int8_activations():
     torch.manual_seed(1)
     lin = nn.Linear(256, 48)
     m = get_method("zeroquant")
-    layer = m.quantize_linear("mlp.up_proj", lin, None)
+    ctx = BlockContext(0, nn.Module(), LLAMA)
+    layer = m.quantize_linear(ctx, "mlp.up_proj", lin, None).layer
     assert isinstance(layer, FakeQuantLinear) and layer.spec == W4G128 and layer.act == "int8"
     x = torch.randn(2, 5, 256)
     quant, dequant = ACT_QUANT["int8"]
@@ -76,8 +78,8 @@ def test_layer_is_w4_weights_and_per_token_int8_activations():
     assert torch.equal(twin(x), layer(x))
     # The paper's W4/8 mix: 8-bit attention projections; act_bits=16 leaves activations in float.
     m8 = get_method("zeroquant", attn_bits=8, act_bits=16)
-    assert m8.quantize_linear("self_attn.q_proj", lin, None).spec.bits == 8
-    assert m8.quantize_linear("mlp.up_proj", lin, None).act is None
+    assert m8.quantize_linear(ctx, "self_attn.q_proj", lin, None).layer.spec.bits == 8
+    assert m8.quantize_linear(ctx, "mlp.up_proj", lin, None).layer.act is None
 
 
 def test_bad_options():
@@ -94,13 +96,13 @@ def test_bad_options():
 # ----------------------------------------------------------------------------- SmolLM2
 
 @pytest.fixture(scope="module")
-def calib(smollm2, calib_path):
-    return calibration_windows(smollm2[1], calib_path, nsamples=4, seqlen=32, seed=0)
+def calib(frozen_calib):
+    return frozen_calib(4, 32)                                             # 4 x 32 frozen WikiText-2 valid
 
 
 @pytest.fixture(scope="module")
-def heldout(wiki_ids):
-    return wiki_ids[:256].view(2, 128)                                     # WikiText-2 test, not calibration
+def heldout(frozen_test_ids):
+    return frozen_test_ids[:256].view(2, 128)                              # WikiText-2 test, not calibration
 
 
 def _zeroquant_first_blocks(smollm2, calib, k, **opts):
@@ -121,9 +123,23 @@ def lkd(smollm2, calib):
     return _zeroquant_first_blocks(smollm2, calib, 2, **LKD)
 
 
+def _hidden(model, ids, k=2):
+    """The residual stream after the model's first k decoder blocks: ids [W, S] -> [W, S, d]."""
+    with torch.no_grad():
+        x, cos, sin, _ = model.embed(ids)
+        for block in list(model.model.layers)[:k]:
+            x = block(x, cos, sin)
+    return x
+
+
 @pytest.fixture(scope="module")
-def base_logits(smollm2, heldout):
-    return _logits(smollm2[0], heldout)
+def float_hidden(smollm2, heldout):
+    return _hidden(smollm2[0], heldout)
+
+
+def _heldout_err(head, heldout, float_hidden) -> float:
+    """Relative squared error of the quantized blocks' output against the float blocks', on held-out text."""
+    return ((_hidden(head, heldout) - float_hidden).pow(2).sum() / float_hidden.pow(2).sum()).item()
 
 
 def test_lkd_lowers_each_blocks_output_error(rtn, lkd):
@@ -131,7 +147,7 @@ def test_lkd_lowers_each_blocks_output_error(rtn, lkd):
     round-to-nearest block's (mse_before: the same block before training, on the same inputs); measured
     0.071 -> 0.017 and 0.094 -> 0.029 with 40 steps of 2 windows x 32 tokens."""
     assert sum(isinstance(m, FakeQuantLinear) for m in lkd[0].modules()) == 14
-    log = lkd[2].method.lkd_log
+    log = lkd[2].report.blocks
     assert [e["block"] for e in log] == [0, 1] and not any(e["reverted"] for e in log)
     for e in log:
         assert e["mse_after"] < 0.5 * e["mse_before"], e
@@ -140,24 +156,27 @@ def test_lkd_lowers_each_blocks_output_error(rtn, lkd):
     assert extra["lkd_mse_after"] == log[0]["mse_after"] and rtn[2].report.layers[0].extra == {}
 
 
-def test_lkd_brings_w4_closer_to_float(rtn, lkd, base_logits, heldout):
-    """Held-out KL from the float model, W4 g128 + A8 in blocks 0-1: measured 0.074 -> 0.049 nats/token.
-    (Perplexity moves by less than its noise on 256 tokens here: two W4 blocks cost only ~1%.)"""
-    _, kl_rtn = _ppl_kl(_logits(rtn[0], heldout), base_logits, heldout)
-    _, kl_lkd = _ppl_kl(_logits(lkd[0], heldout), base_logits, heldout)
-    assert kl_lkd < 0.8 * kl_rtn, (kl_rtn, kl_lkd)
+def test_lkd_brings_w4_closer_to_float(rtn, lkd, float_hidden, heldout):
+    """On held-out text (2 x 128 WikiText-2 test tokens) the two W4 g128 + A8 blocks' output is closer to the
+    float blocks' after LKD than after round-to-nearest: error ratio LKD/RTN measured 0.70 (W4_RANGE over
+    calibration seeds, windows and library sets; benchmarks/results/test_margins.md). KL from the float model on
+    those 256 tokens does not order them reliably (LKD/RTN 0.59 here, W4_KL over seeds and windows)."""
+    err = {name: _heldout_err(q[1], heldout, float_hidden) for name, q in (("rtn", rtn), ("lkd", lkd))}
+    assert err["lkd"] < err["rtn"], err
 
 
-def test_lkd_lowers_heldout_perplexity(smollm2, calib, base_logits, heldout):
-    """W3 g128 + A8 in blocks 0-1, where the damage is well above the noise of 2 x 128 held-out tokens:
-    measured perplexity 39.00 (float) -> 55.37 (round-to-nearest) -> 48.21 (LKD, 30 steps)."""
-    ppl0, _ = _ppl_kl(base_logits, base_logits, heldout)
-    ppl_rtn, _ = _ppl_kl(_logits(_zeroquant_first_blocks(smollm2, calib, 2, bits=3)[0], heldout),
-                         base_logits, heldout)
-    w3_lkd = _zeroquant_first_blocks(smollm2, calib, 2, bits=3, **{**LKD, "lkd_steps": 30})[0]
-    ppl_lkd, _ = _ppl_kl(_logits(w3_lkd, heldout), base_logits, heldout)
-    assert ppl0 < ppl_lkd < ppl_rtn
-    assert ppl_lkd - ppl0 < 0.75 * (ppl_rtn - ppl0), (ppl0, ppl_rtn, ppl_lkd)
+def test_lkd_brings_w3_closer_to_float(smollm2, calib, float_hidden, heldout):
+    """W3 g128 + A8 in blocks 0-1, LKD 30 steps: each block's output MSE on the calibration inputs drops below
+    half of round-to-nearest's (worst block measured 0.29, at most W3_BLOCK), and on held-out text the two
+    blocks' output is closer to the float blocks' (LKD/RTN 0.76, W3_RANGE). Held-out perplexity (39.0 float,
+    55.4 RTN, 48.4 LKD here) does not order them reliably on 2 x 128 tokens (PPL_LKD/PPL_RTN W3_PPL over seeds and
+    windows): that comparison is quant_table's (benchmarks/quant_table.py), on the whole model and text."""
+    runs = {"rtn": _zeroquant_first_blocks(smollm2, calib, 2, bits=3),
+            "lkd": _zeroquant_first_blocks(smollm2, calib, 2, bits=3, **{**LKD, "lkd_steps": 30})}
+    log = runs["lkd"][2].report.blocks
+    assert len(log) == 2 and all(e["mse_after"] < 0.5 * e["mse_before"] for e in log), log
+    err = {name: _heldout_err(q[1], heldout, float_hidden) for name, q in runs.items()}
+    assert err["lkd"] < err["rtn"], err
 
 
 def test_lkd_is_deterministic(smollm2, calib):
@@ -169,7 +188,7 @@ def test_lkd_is_deterministic(smollm2, calib):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     assert not torch.equal(sa["input_layernorm.weight"], smollm2[0].model.layers[0].input_layernorm.weight)
     drop = lambda e: {k: v for k, v in e.items() if k != "seconds"}  # noqa: E731
-    assert drop(ra.method.lkd_log[0]) == drop(rb.method.lkd_log[0])
+    assert drop(ra.report.blocks[0]) == drop(rb.report.blocks[0])
 
 
 def test_lkd_on_the_float_models_hidden_states(smollm2, calib):
@@ -182,7 +201,7 @@ def test_lkd_on_the_float_models_hidden_states(smollm2, calib):
         for block in float_head.model.layers:
             x = block(x, cos, sin)
     assert torch.allclose(res.method._xf, x, rtol=1e-5, atol=1e-4)
-    assert len(res.method.lkd_log) == 2
+    assert len(res.report.blocks) == 2
 
 
 def test_zeroquant_save_load_identical_logits(tmp_path, smollm2, lkd, heldout):

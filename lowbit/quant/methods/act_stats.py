@@ -1,14 +1,15 @@
 """Activation statistics gathered during calibration, shared by the W8A8-style methods."""
 from __future__ import annotations
 
-import torch
-
 from dataclasses import dataclass
+from typing import Literal
+
+import torch
 
 from lowbit.errors import LowbitError
 from lowbit.quant.observers import get_observer
 from lowbit.kernels.primitives import QuantSpec
-from lowbit.quant.registry import Method, MethodConfig
+from lowbit.quant.registry import Method, MethodConfig, option
 
 PER_TENSOR_INT8 = QuantSpec(bits=8, symmetric=True, group_size=0)
 
@@ -41,8 +42,9 @@ class ChannelAbsMax:
 @dataclass
 class ActQuantConfig(MethodConfig):
     """Activation quantization options shared by the W8A8-style methods."""
-    act_scheme: str = "dynamic"   # "dynamic" per token, or "static" per tensor from calibration
-    observer: str = "minmax"      # activation range observer for the static scheme
+    act_scheme: Literal["dynamic", "static"] = option(
+        "dynamic", "activation scales: per token at run time, or static per tensor from calibration")
+    observer: str = option("minmax", "activation range for --act-scheme static: minmax | percentile | mse | kl")
 
     def __post_init__(self):
         if self.act_scheme not in ("dynamic", "static"):
@@ -56,5 +58,5 @@ class ActQuantMethod(Method):
     def needs_calibration(self) -> bool:
         return self.cfg.act_scheme == "static"
 
-    def collector(self, name, linear):
+    def collector(self, ctx, name, linear):
         return ActRange(self.cfg.observer) if self.cfg.act_scheme == "static" else None

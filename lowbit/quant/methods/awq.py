@@ -9,13 +9,15 @@ Per decoder block (lowbit.quant.walk calls prepare_block, then quantize_linear f
        loss(α) = mean (f(X) - f_q(X))²
    where f is what the reference inspects: the whole attention module for the q/k/v group, the whole MLP for the
    gate/up group, and the consumer itself for single-consumer groups (search_scope="module"); or, with
-   search_scope="linears", the group's consumers' outputs only (the paper's per-layer objective). α = 0 gives s ≡ 1,
+   search_scope="linears", the group's consumers' outputs only (the paper's per-layer objective). Every forward
+   goes through the walk's block runner (BlockContext.run), in its batches of calibration windows. α = 0 gives s ≡ 1,
    i.e. plain RTN, so the chosen scale never does worse than RTN on the search data. All groups are searched on the
    unscaled block, then every best scale is folded in (lowbit.quant.fold): norm weight / s, or producer rows / s.
    The (v_proj -> o_proj) group is skipped when v_proj's outputs are not o_proj's inputs one to one (GQA, e.g.
    SmolLM2: 192 vs 576), as the reference does.
-2. Clipping search (quantize_linear), per Linear except q_proj / k_proj (the reference skips them: their error
-   acts through the q·k softmax, which a matmul-error criterion does not see): for ratios r in
+2. Clipping search (quantize_linear), per Linear the architecture record clips (`Arch.clips`: all but q_proj /
+   k_proj, which the reference skips: their error acts through the q·k softmax, which a matmul-error criterion
+   does not see): for ratios r in
    {1, 1 - 1/n_grid, ..., > 1 - max_shrink} (1.0 .. 0.55 by default) and each (output row, input group), the range
    is clipped to [-r·absmax, r·absmax] ∩ [min, max] and the r minimising ||(W - Q(W; r)) X||² over the group's
    columns is kept. That error is computed exactly from the per-group Gram matrix H_g = X_gᵀ X_g gathered over ALL
@@ -33,8 +35,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
 
 import torch
 from torch import nn
@@ -42,24 +44,21 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.quant import fold
 from lowbit.layers import WeightOnlyLinear
-from lowbit.kernels.primitives import QuantSpec, fake_quantize, group_minmax
-from lowbit.quant.registry import Method, MethodConfig, register
-from lowbit.quant.walk import run_block
-
-NO_CLIP = ("q_proj", "k_proj")     # the reference's "q_", "k_" rule
+from lowbit.kernels.primitives import QuantSpec, fake_quantize_weight
+from lowbit.quant.context import BlockContext, sum_sq_err
+from lowbit.quant.methods.rtn import WeightGridConfig
+from lowbit.quant.observers import observe_weight
+from lowbit.quant.registry import BlockReport, Method, Quantized, option, register
 
 
 @dataclass
-class AWQConfig(MethodConfig):
-    bits: int = 4
-    group_size: int = 128       # >0 groups along the input (a short last group if it does not divide), -1 per row
-    sym: bool = False
-    zero_point: str = "int"     # "int" (AWQ's convention) or "float"
-    n_grid: int = 20            # α grid for the scale search, and 1/n_grid steps for the clip ratios
-    clip: bool = True           # the weight-clipping search (step 2)
-    max_shrink: float = 0.5     # clip ratios go from 1 down to more than 1 - max_shrink
-    search_tokens: int = 65536  # calibration tokens used by the scale search (whole windows, at least one)
-    search_scope: str = "module"  # "module": attention / MLP output, as llm-awq; "linears": consumers' outputs
+class AWQConfig(WeightGridConfig):
+    n_grid: int = option(20, "grid points of the scale exponent α, and 1/n_grid steps of the clip ratios")
+    clip: bool = option(True, "the weight-clipping search")
+    max_shrink: float = option(0.5, "clip ratios go from 1 down to more than 1 - max_shrink")
+    search_tokens: int = option(65536, "calibration tokens the scale search uses (whole windows, at least one)")
+    search_scope: Literal["module", "linears"] = option(
+        "module", "scale-search loss on the attention / MLP output (as llm-awq), or on the consumers' outputs")
 
     def __post_init__(self):
         if isinstance(self.n_grid, bool) or not isinstance(self.n_grid, int) or self.n_grid < 1:
@@ -70,48 +69,6 @@ class AWQConfig(MethodConfig):
             raise LowbitError(f"--search-tokens: expected a positive integer, got {self.search_tokens!r}")
         if self.search_scope not in ("module", "linears"):
             raise LowbitError(f"--search-scope: expected module or linears, got {self.search_scope!r}")
-
-    def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, symmetric=self.sym, group_size=self.group_size, zero_point=self.zero_point)
-
-
-# ----------------------------------------------------------------------------- weight fake-quant with ragged groups
-
-def _col_parts(spec: QuantSpec, n: int) -> list[tuple[slice, QuantSpec, int]]:
-    """(columns, spec, groups) covering n input columns: all of them, or whole groups + the short last group
-    (WeightOnlyLinear's layout: column j is in group j // g)."""
-    g = spec.group_size
-    if g <= 0 or n % g == 0:
-        return [(slice(0, n), spec, n // g if g > 0 else 1)]
-    cut = n - n % g
-    parts = [(slice(0, cut), spec, cut // g)] if cut else []
-    return parts + [(slice(cut, n), replace(spec, group_size=n % g), 1)]
-
-
-def n_groups(spec: QuantSpec, n: int) -> int:
-    return sum(p[2] for p in _col_parts(spec, n))
-
-
-def weight_ranges(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-group (min, max) of w [out, in] -> [rows, G, 1] each (rows = 1 per tensor)."""
-    los, his = [], []
-    for cols, sub, _ in _col_parts(spec, w.shape[1]):
-        lo, hi = group_minmax(w[:, cols], sub.group_size)              # [out, G_p, 1] or [1, 1, 1]
-        los.append(lo.reshape(lo.shape[0] if spec.group_size != 0 else 1, -1, 1))
-        his.append(hi.reshape(hi.shape[0] if spec.group_size != 0 else 1, -1, 1))
-    return torch.cat(los, 1), torch.cat(his, 1)
-
-
-def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec, lo: torch.Tensor | None = None,
-                         hi: torch.Tensor | None = None) -> torch.Tensor:
-    """primitives.fake_quantize of w [out, in] by spec's groups, a short last group allowed; lo/hi [rows, G, 1]."""
-    out, g0 = [], 0
-    for cols, sub, ng in _col_parts(spec, w.shape[1]):
-        part = slice(g0, g0 + ng)
-        out.append(fake_quantize(w[:, cols], sub, None if lo is None else lo[:, part],
-                                 None if hi is None else hi[:, part]))
-        g0 += ng
-    return torch.cat(out, 1)                                            # [out, in]
 
 
 # ----------------------------------------------------------------------------- step 1: the scale search
@@ -139,21 +96,22 @@ def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:
 
 @torch.no_grad()
 def search_scale(x: torch.Tensor, linears: Sequence[nn.Linear], spec: QuantSpec,
-                 forward: Callable[[torch.Tensor], torch.Tensor] | None = None, n_grid: int = 20,
-                 batch: int = 8) -> ScaleSearch:
-    """AWQ's grid search of s = x_mean^α for consumers `linears` sharing the input x ([B, S, in] or [M, in]).
+                 forward: Callable | None = None, n_grid: int = 20,
+                 ctx: BlockContext | None = None) -> ScaleSearch:
+    """AWQ's grid search of s = x_mean^α for consumers `linears` sharing the input x [B, S, in].
 
-    forward(x_chunk) -> output is the function whose output error is minimised (default: the consumers'
-    outputs concatenated). It is called on chunks of `batch` windows when x is [B, S, in] (whole windows, so
-    attention can be inspected), on all of x when it is [M, in], while the consumers' weights are temporarily
-    replaced by Q(W·s)/s. The weights are restored afterwards.
+    forward(x, cos, sin) -> output is the function whose output error is minimised (default: the consumers'
+    outputs concatenated), run over x by the block runner (`ctx.run`: the walk's batches of whole windows,
+    so attention can be inspected, and its RoPE tables; without ctx, batches of BATCH windows and no RoPE)
+    while the consumers' weights are temporarily replaced by Q(W·s)/s. The weights are restored afterwards.
     """
     if forward is None:
-        def forward(xb):
+        def forward(xb, _cos, _sin):
             return torch.cat([lin(xb) for lin in linears], -1)
+    if ctx is None:
+        ctx = BlockContext(index=0, block=None, arch=None, device=x.device)
     x_mean = x.abs().reshape(-1, x.shape[-1]).float().mean(0)                 # [in]
-    chunks = [x[i: i + batch] for i in range(0, x.shape[0], batch)] if x.ndim > 2 else [x]
-    ref = [forward(xb).float() for xb in chunks]
+    ref = ctx.run(x, fn=forward).float()                                      # [B, S, out]
     originals = [lin.weight.detach().clone() for lin in linears]
     rows = [w.shape[0] for w in originals]
     w_all = torch.cat([w.float() for w in originals])                         # [sum out, in]: groups are per row
@@ -170,8 +128,7 @@ def search_scale(x: torch.Tensor, linears: Sequence[nn.Linear], spec: QuantSpec,
                 wq = fake_quantize_weight(ws, spec) / s                        # Q(W s) / s
             for lin, w, part in zip(linears, originals, wq.split(rows)):
                 lin.weight.data = part.to(w.dtype)
-            se = sum((forward(xb).float() - r).pow(2).sum().item() for xb, r in zip(chunks, ref))
-            loss = se / sum(r.numel() for r in ref)
+            loss = sum_sq_err(ctx.run(x, fn=forward), ref, ctx.batch) / ref.numel()
             losses.append(loss)
             if not math.isfinite(loss):
                 continue
@@ -230,7 +187,7 @@ def search_clip(w: torch.Tensor, gram: GroupGram, spec: QuantSpec, n_grid: int =
     Ties keep the larger r (r = 1 is plain min/max).
     """
     w = w.detach().float()
-    lo0, hi0 = weight_ranges(w, spec)                                          # [rows, G, 1]
+    lo0, hi0 = observe_weight(w, spec)                                         # [rows, G, 1] min, max
     amax = torch.maximum(lo0.abs(), hi0.abs())
     best_err = best_lo = best_hi = best_r = None
     for i in range(max(1, int(max_shrink * n_grid))):
@@ -265,18 +222,16 @@ def _inspect_module(block: nn.Module, consumers: Sequence[str]) -> nn.Module | N
     return block.get_submodule(".".join(common)) if common else None
 
 
-def _module_forward(mod: nn.Module, kw: dict | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Call `mod` on a chunk of windows; an attention module also gets the chunk's RoPE cos/sin."""
+def _module_forward(mod: nn.Module) -> Callable:
+    """`mod` as the runner calls a stage, fn(x, cos, sin): an attention module gets the batch's RoPE cos/sin."""
     params = inspect.signature(mod.forward).parameters
     if "cos" in params and "sin" in params:
-        if kw is None:
-            raise LowbitError("awq: inspecting attention needs the block's RoPE tensors")
-
-        def fwd(xb):
-            b = xb.shape[0]
-            return mod(xb, kw["cos"][:b], kw["sin"][:b], None, None)
+        def fwd(xb, cos, sin):
+            if cos is None:
+                raise LowbitError("awq: inspecting attention needs the block's RoPE tensors")
+            return mod(xb, cos, sin, None, None)
         return fwd
-    return mod
+    return lambda xb, _cos, _sin: mod(xb)
 
 
 @register("awq")
@@ -287,17 +242,14 @@ class AWQ(Method):
     def __init__(self, cfg: AWQConfig):
         super().__init__(cfg)
         self.spec = cfg.spec()
-        self.block_index = -1
-        self.history: list[dict] = []            # one entry per block: chosen α and losses per group
-        self._alpha_of: dict[str, float] = {}    # consumer name -> α of its group in the current block
 
     # -- step 1
     @torch.no_grad()
-    def search_block(self, block: nn.Module, layout, xs: torch.Tensor, kw: dict) -> dict:
-        """Search the scale of every foldable input group of the float `block` on (a subset of) its inputs
+    def search_block(self, ctx: BlockContext, xs: torch.Tensor) -> dict:
+        """Search the scale of every foldable input group of the float block on (a subset of) its inputs
         xs [N, S, d]. Returns {"groups": [(producer, consumers, ScaleSearch)], "skipped": [...]}; changes nothing."""
-        device = next(block.parameters()).device
-        groups, skipped = fold.foldable_groups(block, layout)
+        block = ctx.block
+        groups, skipped = fold.foldable_groups(block, ctx.layout)
         k = max(1, min(xs.shape[0], self.cfg.search_tokens // max(1, xs.shape[1])))
         feats: dict[str, list[torch.Tensor]] = {cs[0]: [] for _, cs in groups}
         handles = []
@@ -306,7 +258,7 @@ class AWQ(Method):
                 feats[_name].append(args[0].detach())
             handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
         try:
-            run_block(block, xs[:k], kw, device)
+            ctx.run(xs[:k])
         finally:
             for h in handles:
                 h.remove()
@@ -317,34 +269,31 @@ class AWQ(Method):
             mod = _inspect_module(block, consumers) if self.cfg.search_scope == "module" else None
             if mod is None and self.cfg.search_scope == "module" and len(consumers) == 1:
                 mod = linears[0]
-            fwd = _module_forward(mod, kw) if mod is not None else None
-            found.append((producer, consumers, search_scale(x, linears, self.spec, fwd, self.cfg.n_grid)))
+            fwd = _module_forward(mod) if mod is not None else None
+            found.append((producer, consumers, search_scale(x, linears, self.spec, fwd, self.cfg.n_grid, ctx)))
         return {"groups": found, "skipped": skipped}
 
-    def prepare_block(self, block, layout, xs, kw):
-        self.block_index += 1
-        res = self.search_block(block, layout, xs, kw)
-        self._alpha_of = {}
-        entry = {"block": self.block_index, "groups": {}, "skipped": [p for p, _ in res["skipped"]]}
+    def prepare_block(self, ctx, xs):
+        res = self.search_block(ctx, xs)
+        alpha_of = ctx.scratch["alpha"] = {}     # consumer name -> α of its group, for the layers' report rows
+        entry = {"groups": {}, "skipped": [p for p, _ in res["skipped"]]}
         for producer, consumers, found in res["groups"]:
-            fold.fold_scale(block, producer, consumers, found.scales)
+            fold.fold_scale(ctx.block, producer, consumers, found.scales)
             for c in consumers:
-                self._alpha_of[c] = found.alpha
+                alpha_of[c] = found.alpha
             entry["groups"][producer] = {"alpha": found.alpha, "loss": found.best_loss, "rtn_loss": found.rtn_loss}
-        self.history.append(entry)
+        return BlockReport(entry)
 
     # -- step 2 and 3
-    def collector(self, name, linear):
-        if not self.cfg.clip or name.rsplit(".", 1)[-1] in NO_CLIP:
+    def collector(self, ctx, name, linear):
+        if not self.cfg.clip or not ctx.arch.clips(name):
             return None
         return GroupGram(linear.in_features, self.spec)
 
-    def quantize_linear(self, name, linear, stats):
+    def quantize_linear(self, ctx, name, linear, stats):
         lo = hi = None
-        extra = {"alpha": self._alpha_of.get(name)}
+        extra = {"alpha": ctx.scratch.get("alpha", {}).get(name)}
         if stats is not None and stats.H is not None:
             lo, hi, ratio = search_clip(linear.weight, stats, self.spec, self.cfg.n_grid, self.cfg.max_shrink)
             extra["clip_ratio_mean"] = float(ratio.mean())
-        new = WeightOnlyLinear.from_linear(linear, self.spec, lo=lo, hi=hi)
-        new.report_extra = extra
-        return new
+        return Quantized(WeightOnlyLinear.from_linear(linear, self.spec, lo=lo, hi=hi), extra)

@@ -13,14 +13,16 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.layers.mixed_int8 import DEFAULT_THRESHOLD, MixedInt8Linear, _check_threshold
-from lowbit.quant.registry import Method, MethodConfig, register
+from lowbit.quant.registry import Method, MethodConfig, Quantized, option, register
 
 
 @dataclass
 class LLMInt8Config(MethodConfig):
-    threshold: float = DEFAULT_THRESHOLD   # |x| >= threshold marks an outlier feature dim (0: plain int8)
-    keep_outlier_weights: bool = True      # store the original weight columns of calibration's outlier dims
-    max_kept_fraction: float = 0.1         # ... at most this fraction of a layer's input dims (most frequent first)
+    threshold: float = option(DEFAULT_THRESHOLD, "|x| >= threshold marks an outlier feature dim (0: plain int8)")
+    keep_outlier_weights: bool = option(True, "with calibration: keep the original weight columns of the "
+                                              "outlier dims it saw")
+    max_kept_fraction: float = option(0.1, "at most this fraction of a layer's input dims kept (most frequent "
+                                           "first)")
 
     def __post_init__(self):
         _check_threshold(self.threshold)
@@ -70,15 +72,14 @@ class LLMInt8(Method):
     config_cls = LLMInt8Config
     needs_calibration = False
 
-    def collector(self, name, linear):
+    def collector(self, ctx, name, linear):
         return OutlierStats(self.cfg.threshold)
 
-    def quantize_linear(self, name, linear, stats):
+    def quantize_linear(self, ctx, name, linear, stats):
         seen = stats is not None and stats.col_hits is not None
         keep = None
         if seen and self.cfg.keep_outlier_weights:
             keep = stats.outlier_dims()[: int(self.cfg.max_kept_fraction * linear.in_features)]
         layer = MixedInt8Linear.from_linear(linear, threshold=self.cfg.threshold, fp_cols=keep)
-        layer.report_extra = {**stats.report(), "kept_columns": 0 if keep is None else int(keep.numel())} \
-            if seen else {}
-        return layer
+        extra = {**stats.report(), "kept_columns": 0 if keep is None else int(keep.numel())} if seen else {}
+        return Quantized(layer, extra)

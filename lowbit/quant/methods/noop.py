@@ -1,19 +1,12 @@
 """`noop`: keeps every Linear as it is. Runs the whole layer walk, so it checks the walk itself."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from lowbit.quant.registry import Method, MethodConfig, register
-
-
-@dataclass
-class NoopConfig(MethodConfig):
-    pass
+from lowbit.quant.registry import Method, Quantized, register
 
 
 @register("noop")
 class Noop(Method):
-    config_cls = NoopConfig
+    """No options (the base MethodConfig); every Linear stays itself."""
 
-    def quantize_linear(self, name, linear, stats):
-        return linear
+    def quantize_linear(self, ctx, name, linear, stats):
+        return Quantized(linear)

@@ -2,22 +2,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from lowbit.layers import WeightOnlyLinear
 from lowbit.kernels.primitives import QuantSpec
-from lowbit.quant.registry import Method, MethodConfig, register
+from lowbit.quant.observers import observe_weight
+from lowbit.quant.registry import Method, MethodConfig, Quantized, option, register
 
 
 @dataclass
-class RTNConfig(MethodConfig):
-    bits: int = 4
-    group_size: int = 128       # -1 per output channel, 0 per tensor, >0 groups along the input
-    sym: bool = False
-    zero_point: str = "int"     # "int" (GPTQ/AWQ convention) or "float" (GGUF Q4_1's real-valued minimum)
-    observer: str = "minmax"    # weight range: minmax | percentile | mse | kl
+class WeightGridConfig(MethodConfig):
+    """The weight grid of the weight-only methods (RTN, AWQ, GPTQ)."""
+    bits: int = option(4, "weight bits, 2..8")
+    group_size: int = option(128, "weights per scale along the input: N (a short last group where N does not "
+                                  "divide it), -1 per output channel, 0 per tensor")
+    sym: bool = option(False, "symmetric weight grid (no zero point)")
+    zero_point: Literal["int", "float"] = option(
+        "int", "asymmetric offset: an integer zero point (GPTQ/AWQ) or the real minimum (GGUF Q4_1)")
 
     def spec(self) -> QuantSpec:
         return QuantSpec(bits=self.bits, symmetric=self.sym, group_size=self.group_size, zero_point=self.zero_point)
+
+
+@dataclass
+class RTNConfig(WeightGridConfig):
+    observer: str = option("minmax", "weight range per group: minmax | percentile | mse | kl")
 
 
 @register("rtn")
@@ -28,6 +37,8 @@ class RTN(Method):
         super().__init__(cfg)
         self.spec = cfg.spec()  # validates bits / zero point up front
 
-    def quantize_linear(self, name, linear, stats):
-        obs = None if self.cfg.observer == "minmax" else self.cfg.observer
-        return WeightOnlyLinear.from_linear(linear, self.spec, observer=obs)
+    def quantize_linear(self, ctx, name, linear, stats):
+        lo = hi = None   # minmax: the layer's own per-group min/max
+        if self.cfg.observer != "minmax":
+            lo, hi = observe_weight(linear.weight.detach().float(), self.spec, self.cfg.observer)
+        return Quantized(WeightOnlyLinear.from_linear(linear, self.spec, lo=lo, hi=hi))

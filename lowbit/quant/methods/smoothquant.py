@@ -41,17 +41,17 @@ from lowbit.errors import LowbitError
 from lowbit.quant import fold
 from lowbit.kernels.int8_matmul import INT8_SYM
 from lowbit.layers import FakeQuantLinear, Int8Linear, swap_linear
-from lowbit.quant.methods.act_stats import ActQuantConfig, ActRange, ChannelAbsMax
-from lowbit.quant.registry import Method, register
-from lowbit.quant.walk import run_block
+from lowbit.quant.methods.act_stats import ActQuantConfig, ActQuantMethod, ChannelAbsMax
+from lowbit.quant.registry import BlockReport, Quantized, option, register
 
 ALPHA_GRID = tuple(i / 10 for i in range(11))       # "auto": 0.0, 0.1, ..., 1.0
 
 
 @dataclass
 class SmoothQuantConfig(ActQuantConfig):
-    alpha: float | str = 0.5       # migration strength in [0, 1], or "auto" (searched per block)
-    linear_producers: bool = False  # also smooth Linear-fed inputs (down_proj; o_proj without GQA): not in the paper
+    alpha: float | str = option(0.5, "migration strength in [0, 1], or 'auto' (searched per block)")
+    linear_producers: bool = option(False, "also smooth Linear-fed inputs (down_proj; o_proj without GQA): "
+                                           "not in the paper")
 
     def __post_init__(self):
         super().__post_init__()
@@ -81,15 +81,9 @@ def smooth_scales(act_absmax: torch.Tensor, weights: Sequence[torch.Tensor], alp
 
 
 @register("smoothquant")
-class SmoothQuant(Method):
+class SmoothQuant(ActQuantMethod):
     config_cls = SmoothQuantConfig
     needs_calibration = True
-
-    def __init__(self, cfg: SmoothQuantConfig):
-        super().__init__(cfg)
-        self.block_index = -1
-        self.history: list[dict] = []          # per block: α used, smoothed groups, (auto) error per α
-        self._alpha_of: dict[str, float] = {}
 
     def smooth_groups(self, block: nn.Module, layout) -> list[tuple[str, tuple[str, ...]]]:
         groups, _ = fold.foldable_groups(block, layout)
@@ -98,17 +92,16 @@ class SmoothQuant(Method):
         return [(p, cs) for p, cs in groups if fold.producer_is_norm(block, p)]
 
     @torch.no_grad()
-    def channel_stats(self, block: nn.Module, layout, xs: torch.Tensor, kw: dict):
+    def channel_stats(self, ctx, xs: torch.Tensor):
         """(max|x| per input channel of every Linear {name: [in]}, the float block's outputs [N, S, d])."""
-        device = next(block.parameters()).device
-        stats = {n: ChannelAbsMax() for n in layout.linears}
+        stats = {n: ChannelAbsMax() for n in ctx.layout.linears}
         handles = []
         for name, st in stats.items():
             def hook(_m, args, _st=st):
                 _st.update(args[0])
-            handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
+            handles.append(ctx.block.get_submodule(name).register_forward_pre_hook(hook))
         try:
-            out = run_block(block, xs, kw, device)
+            out = ctx.run(xs)
         finally:
             for h in handles:
                 h.remove()
@@ -118,44 +111,40 @@ class SmoothQuant(Method):
         return [smooth_scales(absmax[cs[0]], [block.get_submodule(c).weight for c in cs], alpha) for _, cs in groups]
 
     @torch.no_grad()
-    def block_error(self, block: nn.Module, layout, groups, absmax: dict, alpha: float, xs, kw, ref) -> float:
+    def block_error(self, ctx, groups, absmax: dict, alpha: float, xs, ref) -> float:
         """Mean squared error of the block's output after smoothing with α and W8A8 fake-quant, vs `ref`."""
-        trial = copy.deepcopy(block)
+        trial = copy.deepcopy(ctx.block)
         scales = self.scales_for(trial, groups, absmax, alpha)
         input_max = {n: a.clone() for n, a in absmax.items()}                 # max|x| per channel after smoothing
         for (p, cs), s in zip(groups, scales):
             fold.fold_scale(trial, p, cs, s)
             for c in cs:
                 input_max[c] = absmax[c] / s
-        for name in layout.linears:
+        for name in ctx.layout.linears:
             lin = trial.get_submodule(name)
             scale = input_max[name].max().reshape(1) / 127 if self.cfg.act_scheme == "static" else None
             swap_linear(trial, name, FakeQuantLinear.from_linear(lin, spec=INT8_SYM, act="int8", act_scale=scale,
                                                                  dtype=lin.weight.dtype))
-        out = run_block(trial, xs, kw, next(block.parameters()).device)
+        out = ctx.run(xs, fn=trial)
         return (out.float() - ref.float()).pow(2).mean().item()
 
-    def prepare_block(self, block, layout, xs, kw):
-        self.block_index += 1
-        absmax, ref = self.channel_stats(block, layout, xs, kw)
-        groups = self.smooth_groups(block, layout)
-        entry = {"block": self.block_index, "groups": [p for p, _ in groups]}
+    def prepare_block(self, ctx, xs):
+        absmax, ref = self.channel_stats(ctx, xs)
+        block = ctx.block
+        groups = self.smooth_groups(block, ctx.layout)
+        entry = {"groups": [p for p, _ in groups]}
         alpha = self.cfg.alpha
         if alpha == "auto":
-            errs = {a: self.block_error(block, layout, groups, absmax, a, xs, kw, ref) for a in ALPHA_GRID}
+            errs = {a: self.block_error(ctx, groups, absmax, a, xs, ref) for a in ALPHA_GRID}
             alpha = min(ALPHA_GRID, key=lambda a: (errs[a], a))
             entry["errors"] = errs
         entry["alpha"] = alpha
         for (p, cs), s in zip(groups, self.scales_for(block, groups, absmax, alpha)):
             fold.fold_scale(block, p, cs, s)
-        self._alpha_of = {c: alpha for _, cs in groups for c in cs}
-        self.history.append(entry)
+        ctx.scratch["alpha"] = {c: alpha for _, cs in groups for c in cs}   # for the layers' report rows
+        return BlockReport(entry)
 
-    def collector(self, name, linear):
-        return ActRange(self.cfg.observer) if self.cfg.act_scheme == "static" else None
-
-    def quantize_linear(self, name, linear, stats):
+    def quantize_linear(self, ctx, name, linear, stats):
         scale = stats.absmax() / 127 if stats is not None else None
-        new = Int8Linear.from_linear(linear, act_scale=scale)
-        new.report_extra = {"alpha": self._alpha_of.get(name)}
-        return new
+        return Quantized(Int8Linear.from_linear(linear, act_scale=scale),
+                         {"alpha": ctx.scratch.get("alpha", {}).get(name)})

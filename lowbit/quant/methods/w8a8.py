@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from lowbit.layers import Int8Linear
 from lowbit.quant.methods.act_stats import ActQuantConfig, ActQuantMethod
-from lowbit.quant.registry import register
+from lowbit.quant.registry import Quantized, register
 
 
 @dataclass
@@ -17,6 +17,6 @@ class W8A8Config(ActQuantConfig):
 class W8A8(ActQuantMethod):
     config_cls = W8A8Config
 
-    def quantize_linear(self, name, linear, stats):
+    def quantize_linear(self, ctx, name, linear, stats):
         scale = stats.absmax() / 127 if stats is not None else None
-        return Int8Linear.from_linear(linear, act_scale=scale)
+        return Quantized(Int8Linear.from_linear(linear, act_scale=scale))

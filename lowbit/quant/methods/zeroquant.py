@@ -9,8 +9,8 @@ packed weight-only layer with activation quantization.
 LKD (layer-by-layer knowledge distillation, lkd_steps > 0): after a block's Linears are quantized, the block
 is trained to reproduce the float block's outputs on the calibration inputs (MSE), one block at a time:
   * trainable: a float "latent" copy of every Linear's weight (and bias), initialised from the float weight,
-    and the block's RMSNorm weights (lkd_norms) — everything float in the block, as the paper trains the
-    whole quantized layer;
+    and the block's norm weights (lkd_norms; the architecture record's `norms`) — everything float in the
+    block, as the paper trains the whole quantized layer;
   * forward: weights group-quantized from the latent copy and inputs per-token int8 quantized, both with a
     straight-through estimator (the rounding is the identity for the gradient);
   * Adam, lr lkd_lr, lkd_steps steps over seeded random minibatches of lkd_batch calibration windows;
@@ -20,14 +20,15 @@ is trained to reproduce the float block's outputs on the calibration inputs (MSE
     model's hidden states (kept by the method, one extra float block pass per block);
   * afterwards every Linear is re-quantized from its trained latent weight (the same function as in
     training, so the model is exactly the one trained), and the block's output MSE before/after LKD is
-    logged (`Method.lkd_log`, and the block's Linears' report `extra`). If LKD made it worse the block's
-    RTN state is restored (`reverted`).
+    reported (an entry of QuantReport.blocks, and the block's Linears' report `extra`). If LKD made it worse
+    the block's RTN state is restored (`reverted`).
 Memory stays bounded by one block: latent weights exist only while their block is trained.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,10 +36,10 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.kernels.int8_matmul import ACT_QUANT
-from lowbit.layers import FakeQuantLinear, _parts, swap_linear
-from lowbit.kernels.primitives import QuantSpec, fake_quantize
-from lowbit.quant.registry import Method, MethodConfig, register
-from lowbit.quant.walk import run_block
+from lowbit.layers import FakeQuantLinear, swap_linear
+from lowbit.kernels.primitives import QuantSpec, fake_quantize_weight
+from lowbit.quant.context import BlockContext, sum_sq_err
+from lowbit.quant.registry import BlockReport, Method, MethodConfig, Quantized, option, register
 
 ACT_BITS = (8, 16)
 LKD_INPUTS = ("quantized", "float")
@@ -46,18 +47,19 @@ LKD_INPUTS = ("quantized", "float")
 
 @dataclass
 class ZeroQuantConfig(MethodConfig):
-    bits: int = 4                     # weight bits
-    group_size: int = 128             # weight group size along the input dim (-1 per output channel)
-    sym: bool = True                  # symmetric weight grid
-    attn_bits: int | None = None      # weight bits of the attention projections (None: `bits`)
-    act_bits: int = 8                 # 8: per-token dynamic int8 activations; 16: no activation quantization
-    lkd_steps: int = 0                # LKD optimizer steps per block (0: off)
-    lkd_lr: float = 2e-4              # Adam learning rate
-    lkd_batch: int = 4                # calibration windows per LKD step
-    lkd_norms: bool = True            # also train the block's norm weights
-    lkd_seed: int = 0                 # minibatch order
-    lkd_inputs: str = "quantized"     # block inputs for LKD: "quantized" (the walk's: outputs of the blocks
-                                      # quantized so far) or "float" (the paper's: the float model's)
+    bits: int = option(4, "weight bits, 2..8 (attention projections: --attn-bits)")
+    group_size: int = option(128, "weights per scale along the input: N, -1 per output channel")
+    sym: bool = option(True, "symmetric weight grid")
+    attn_bits: int | None = option(None, "weight bits of the attention projections (none: --bits)")
+    act_bits: int = option(8, "8: per-token dynamic int8 activations; 16: no activation quantization")
+    lkd_steps: int = option(0, "layer-wise distillation (LKD): optimizer steps per block (0: off)")
+    lkd_lr: float = option(2e-4, "LKD: Adam learning rate")
+    lkd_batch: int = option(4, "LKD: calibration windows per step")
+    lkd_norms: bool = option(True, "LKD: also train the block's norm weights")
+    lkd_seed: int = option(0, "LKD: seed of the minibatch order")
+    lkd_inputs: Literal["quantized", "float"] = option(
+        "quantized", "LKD block inputs: the walk's (outputs of the blocks quantized so far) or the float "
+                     "model's (the paper's)")
 
     def __post_init__(self):
         self.spec(False), self.spec(True)  # validates bits / group size up front
@@ -77,12 +79,6 @@ class ZeroQuantConfig(MethodConfig):
         return QuantSpec(bits=bits, symmetric=self.sym, group_size=self.group_size)
 
 
-def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Group-wise quantize-dequantize of w [out, in] (min/max range per group; a group size that does not
-    divide `in` leaves a shorter last group, as WeightOnlyLinear does), in w's dtype."""
-    return torch.cat([fake_quantize(w[:, cols], sub) for cols, sub in _parts(spec, w.shape[1])], dim=1)
-
-
 def _ste(x: torch.Tensor, xq: torch.Tensor) -> torch.Tensor:
     """xq in the forward pass, the identity in the backward pass (straight-through estimator)."""
     return x + (xq - x).detach()
@@ -98,7 +94,7 @@ class _LatentLinear(nn.Module):
         self.spec, self.act = spec, act
 
     def forward(self, x):
-        w = _ste(self.weight, quantize_weight(self.weight.detach(), self.spec))
+        w = _ste(self.weight, fake_quantize_weight(self.weight.detach(), self.spec))
         if self.act is not None:
             quant, dequant = ACT_QUANT[self.act]
             x2 = x.reshape(-1, x.shape[-1]).detach()
@@ -109,14 +105,11 @@ class _LatentLinear(nn.Module):
 @register("zeroquant")
 class ZeroQuant(Method):
     config_cls = ZeroQuantConfig
+    needs_inputs = True                        # LKD trains on the block's inputs
 
     def __init__(self, cfg: ZeroQuantConfig):
         super().__init__(cfg)
         self.act = "int8" if cfg.act_bits == 8 else None
-        self.lkd_log: list[dict] = []          # one entry per block trained
-        self._float: dict[str, tuple] = {}     # this block's float weights, kept for LKD
-        self._extras: dict[str, dict] = {}     # this block's layers' report dicts
-        self._block = 0
         self._xf: torch.Tensor | None = None   # lkd_inputs="float": the float model's hidden states [N, S, d]
 
     @property
@@ -125,64 +118,52 @@ class ZeroQuant(Method):
 
     needs_targets = needs_calibration
 
-    def _spec(self, name: str) -> QuantSpec:
-        return self.cfg.spec(attention="attn" in name)
+    def _spec(self, ctx: BlockContext, name: str) -> QuantSpec:
+        return self.cfg.spec(attention=ctx.arch.is_attention(name))
 
     def _layer(self, weight: torch.Tensor, bias, spec: QuantSpec, dtype) -> FakeQuantLinear:
         out_f, in_f = weight.shape
         layer = FakeQuantLinear(in_f, out_f, spec, act=self.act, bias=bias is not None, dtype=dtype,
                                 device=weight.device)
-        layer._load("weight", quantize_weight(weight.detach().float(), spec))
+        layer._load("weight", fake_quantize_weight(weight.detach().float(), spec))
         if bias is not None:
             layer._load("bias", bias.detach())
         return layer
 
-    def quantize_linear(self, name, linear, stats):
-        if self.cfg.lkd_steps > 0:
-            self._float[name] = (linear.weight.detach().clone(),
-                                 None if linear.bias is None else linear.bias.detach().clone())
-        layer = self._layer(linear.weight, linear.bias, self._spec(name), linear.weight.dtype)
-        layer.report_extra = self._extras[name] = {}
-        return layer
+    def quantize_linear(self, ctx, name, linear, stats):
+        if self.cfg.lkd_steps > 0:   # this block's float weights, kept for LKD
+            ctx.scratch.setdefault("float", {})[name] = (
+                linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone())
+        return Quantized(self._layer(linear.weight, linear.bias, self._spec(ctx, name), linear.weight.dtype))
 
     # ------------------------------------------------------------------ LKD
 
     @staticmethod
-    @torch.no_grad()
-    def _block_mse(block, xs, targets, kw, batch: int = 8) -> float:
-        dev = kw["cos"].device
-        dtype = next(block.parameters()).dtype
-        sq, n = 0.0, 0
-        for i in range(0, xs.shape[0], batch):
-            x = xs[i: i + batch].to(dev, dtype)
-            b = x.shape[0]
-            out = block(x, _rope(kw["cos"], b), _rope(kw["sin"], b)).float()
-            sq += (out - targets[i: i + batch].to(dev).float()).pow(2).sum().item()
-            n += out.numel()
-        return sq / n
+    def _block_mse(ctx: BlockContext, xs, targets) -> float:
+        """Mean squared error of the block's outputs on xs against targets [N, S, d] (the walk's runner)."""
+        return sum_sq_err(ctx.run(xs), targets, ctx.batch) / targets.numel()
 
-    def finish_block(self, qblock, inputs, targets, block_kwargs):
-        i, self._block = self._block, self._block + 1
+    def finish_block(self, ctx, inputs, targets):
         if self.cfg.lkd_steps == 0 or inputs is None:
-            return
-        floats, self._float = self._float, {}
+            return None
+        qblock, floats = ctx.block, ctx.scratch.pop("float", {})
         t0 = time.perf_counter()
         rtn = {n: qblock.get_submodule(n) for n in floats}
         if self.cfg.lkd_inputs == "float":
             # The paper's LKD: teacher and student both read the float model's hidden states.
-            inputs = inputs if i == 0 or self._xf is None else self._xf
+            inputs = inputs if ctx.index == 0 or self._xf is None else self._xf
             for n, (w, b) in floats.items():
                 swap_linear(qblock, n, _float_linear(w, b))
-            targets = self._xf = run_block(qblock, inputs, block_kwargs, block_kwargs["cos"].device)
+            targets = self._xf = ctx.run(inputs)
             for n, layer in rtn.items():
                 swap_linear(qblock, n, layer)
-        mse_before = self._block_mse(qblock, inputs, targets, block_kwargs)
-        norms = [p for n, p in qblock.named_parameters() if "norm" in n]
+        mse_before = self._block_mse(ctx, inputs, targets)
+        norms = [p for n in ctx.arch.norms for p in qblock.get_submodule(n).parameters()]
         norms_before = [p.detach().clone() for p in norms]
         dtype = norms[0].dtype if norms else next(iter(floats.values()))[0].dtype
 
         # Training copy: latent float32 weights swapped in, the rest of the block in float32.
-        latents = {n: _LatentLinear(w, b, self._spec(n), self.act) for n, (w, b) in floats.items()}
+        latents = {n: _LatentLinear(w, b, self._spec(ctx, n), self.act) for n, (w, b) in floats.items()}
         for n, lat in latents.items():
             swap_linear(qblock, n, lat)
         qblock.float()
@@ -193,7 +174,7 @@ class ZeroQuant(Method):
             params += norms                    # .float()/.to() keep the Parameter objects, changing their data
         for p in params:
             p.requires_grad_(True)
-        losses = self._train(qblock, params, inputs, targets, block_kwargs)
+        losses = self._train(qblock, params, inputs, targets, ctx.rope)
         for p in qblock.parameters():
             p.requires_grad_(False)
         qblock.to(dtype)
@@ -201,7 +182,7 @@ class ZeroQuant(Method):
         # Re-quantize the trained latent weights into the final layers.
         for n, lat in latents.items():
             swap_linear(qblock, n, self._layer(lat.weight, lat.bias, lat.spec, floats[n][0].dtype))
-        mse_after = self._block_mse(qblock, inputs, targets, block_kwargs)
+        mse_after = self._block_mse(ctx, inputs, targets)
         reverted = mse_after > mse_before
         if reverted:  # LKD did not help this block: back to round-to-nearest
             for n, layer in rtn.items():
@@ -209,15 +190,11 @@ class ZeroQuant(Method):
             with torch.no_grad():
                 for p, p0 in zip(norms, norms_before):
                     p.copy_(p0)
-        entry = {"block": i, "mse_before": mse_before, "mse_after": mse_before if reverted else mse_after,
+        entry = {"mse_before": mse_before, "mse_after": mse_before if reverted else mse_after,
                  "mse_trained": mse_after, "reverted": reverted, "first_loss": losses[0], "last_loss": losses[-1],
                  "steps": self.cfg.lkd_steps, "seconds": time.perf_counter() - t0}
-        self.lkd_log.append(entry)
-        for n in floats:
-            new = qblock.get_submodule(n)
-            extra = self._extras.pop(n, {})
-            extra.update({f"lkd_{k}": v for k, v in entry.items() if k in ("mse_before", "mse_after", "reverted")})
-            new.report_extra = extra
+        row = {f"lkd_{k}": entry[k] for k in ("mse_before", "mse_after", "reverted")}
+        return BlockReport(entry, {n: dict(row) for n in floats})
 
     def _train(self, block, params, xs, targets, kw) -> list[float]:
         dev = kw["cos"].device

@@ -1,0 +1,79 @@
+"""The CLI's error boundary: one line on stderr (the traceback only with --debug), exit 2 for a bad input,
+1 for a bug; --strict refuses NaN weights that otherwise load with a one-line warning."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from lowbit.cli.main import main
+from lowbit.config import ModelConfig
+from lowbit.models.arch import config_to_hf
+from lowbit.models.llama import LlamaForCausalLM
+
+
+def _err_lines(capsys):
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+@pytest.fixture
+def nan_dir(tmp_path):
+    """A tiny HF directory whose up_proj weight holds a NaN (and no tokenizer)."""
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=1,
+                                         num_heads=2, num_kv_heads=1, tie_word_embeddings=True))
+    sd = {k: v.contiguous().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    sd["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    d = tmp_path / "nan"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config_to_hf(model.config)))
+    save_file(sd, str(d / "model.safetensors"))
+    return d
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 16)
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    assert main(["eval", str(p), "--text", str(text)]) == 2
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(f"error: {p}: truncated or corrupt GGUF file"), lines
+
+
+def test_debug_prints_the_traceback(tmp_path, capsys):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(b"GGUF\x03\x00\x00\x00")
+    for argv in (["--debug", "eval", str(p), "--text", str(p)], ["eval", str(p), "--text", str(p), "--debug"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback (most recent call last)" in err and err.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_unexpected_exception_is_one_line_exit_1(monkeypatch, capsys):
+    import lowbit.cli.inspect_cmd as inspect_cmd
+
+    def broken(args):
+        return {}["a key nobody wrote"]
+    monkeypatch.setattr(inspect_cmd, "run", broken)
+    assert main(["inspect"]) == 1
+    lines = _err_lines(capsys)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: unexpected KeyError: 'a key nobody wrote'") and "rerun with --debug" in lines[0]
+    assert main(["inspect", "--debug"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "the traceback is above" in err
+
+
+def test_strict_refuses_nan_weights_else_one_line_warning(nan_dir, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    assert main(["eval", str(nan_dir), "--text", str(text), "--strict"]) == 2
+    lines = _err_lines(capsys)
+    assert lines == [f"error: {nan_dir / 'model.safetensors'}: NaN or Inf in 1 tensor: "
+                     f"model.layers.0.mlp.up_proj.weight (refused: --strict)"]
+    assert main(["eval", str(nan_dir), "--text", str(text)]) == 2      # loads, warns, then lacks a tokenizer
+    lines = _err_lines(capsys)
+    assert lines[0] == (f"warning: {nan_dir / 'model.safetensors'}: NaN or Inf in 1 tensor: "
+                        f"model.layers.0.mlp.up_proj.weight")
+    assert lines[1].startswith("error: ") and "no tokenizer files" in lines[1] and len(lines) == 2
