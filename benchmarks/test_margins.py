@@ -253,10 +253,12 @@ def measure(args) -> None:
             "python": platform.python_version(), "versions": {p: md.version(p) for p in LIBS},
             "torch_threads": torch.get_num_threads(), "command": " ".join([Path(sys.executable).as_posix(), *sys.argv]),
             "tests": {}}
+    data["commands"] = [data["command"]]
     if args.out.exists():
         old = json.loads(args.out.read_text())
         if old.get("versions") == data["versions"]:
             data["tests"] = old["tests"]                        # resume: keep what an earlier run measured
+            data["commands"] = old.get("commands", [old["command"]]) + data["commands"]
     for name in args.only or MEASURE:
         if args.redo:
             data["tests"].pop(name, None)
@@ -373,8 +375,8 @@ CHECKS = [
          value=_per_seed(lambda c: sum(a for a, _ in _outlier_layers(c)) / sum(b for _, b in _outlier_layers(c))),
          op="<", threshold=0.5),
     dict(test="test_llm_int8.py::test_llm_int8_report_on_smollm2", src="llm_int8", status="new",
-         assertion="every layer with outliers: err < 1.25 * naive",
-         value=_per_seed(lambda c: max(a / b for a, b in _outlier_layers(c))), op="<", threshold=1.25),
+         assertion="every layer with outliers: err < 1.5 * naive",
+         value=_per_seed(lambda c: max(a / b for a, b in _outlier_layers(c))), op="<", threshold=1.5),
     *[dict(test="test_llm_int8.py::test_llm_int8_report_on_smollm2", src="llm_int8", status="kept",
            assertion=text, value=_per_seed(lambda c, k=key: c[k]), op=op, threshold=t)
       for text, key, op, t in (("sum(err) / len(err) < 1e-3", "mean_err", "<", 1e-3),
@@ -392,8 +394,8 @@ CHECKS = [
          assertion="kl_lkd < 0.8 * kl_rtn  (W4, held-out 2 x 128)",
          value=_ratio(_w("lkd", "kl"), _w("rtn", "kl")), op="<", threshold=0.8),
     dict(test="test_zeroquant.py::test_lkd_brings_w4_closer_to_float", src="zeroquant", status="new",
-         assertion="hid_lkd < 0.9 * hid_rtn  (W4, residual stream after block 2, held-out 2 x 128)",
-         value=_ratio(_w("lkd", "hid"), _w("rtn", "hid")), op="<", threshold=0.9),
+         assertion="hid_lkd < hid_rtn  (W4, residual stream after block 2, held-out 2 x 128)",
+         value=_ratio(_w("lkd", "hid"), _w("rtn", "hid")), op="<", threshold=1.0),
     dict(test="test_zeroquant.py::test_lkd_lowers_heldout_perplexity", src="zeroquant", status="removed",
          assertion="ppl_lkd - ppl0 < 0.75 * (ppl_rtn - ppl0)  (W3)",
          value=lambda c: _delta_frac(c, "lkd3", "rtn3"), op="<", threshold=0.75),
@@ -407,8 +409,8 @@ CHECKS = [
          assertion="kl_lkd < 0.75 * kl_rtn  (W3, held-out 2 x 128)",
          value=_ratio(_w("lkd3", "kl"), _w("rtn3", "kl")), op="<", threshold=0.75),
     dict(test="test_zeroquant.py::test_lkd_lowers_heldout_perplexity", src="zeroquant", status="new",
-         assertion="hid_lkd < 0.9 * hid_rtn  (W3, residual stream after block 2, held-out 2 x 128)",
-         value=_ratio(_w("lkd3", "hid"), _w("rtn3", "hid")), op="<", threshold=0.9),
+         assertion="hid_lkd < hid_rtn  (W3, residual stream after block 2, held-out 2 x 128)",
+         value=_ratio(_w("lkd3", "hid"), _w("rtn3", "hid")), op="<", threshold=1.0),
     dict(test="test_zeroquant.py::test_lkd_lowers_heldout_perplexity", src="zeroquant", status="new",
          assertion="e['mse_after'] < 0.5 * e['mse_before']  (W3, worst block)",
          value=_per_seed(lambda c: max(e["mse_after"] / e["mse_before"] for e in c["lkd3_log"])), op="<",
@@ -481,7 +483,7 @@ def report(args) -> None:
     checks = [r for chk in CHECKS if (r := evaluate_check(chk, raws))]
     out = {"about": __doc__.split("\n\n")[0], "command": " ".join(["python", *sys.argv]),
            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "library_sets": [{k: raw[k] for k in ("tag", "date", "python", "versions", "torch_threads", "command")}
+           "library_sets": [{k: raw.get(k) for k in ("tag", "date", "python", "versions", "torch_threads", "commands")}
                             for raw in raws],
            "checks": checks, "raw": raws}
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -493,7 +495,10 @@ def report(args) -> None:
              "Library sets (the first is the nominal one, what CI installs):", ""]
     for ls in out["library_sets"]:
         lines.append(f"- **{ls['tag']}** ({ls['date']}, Python {ls['python']}, {ls['torch_threads']} thread): "
-                     + ", ".join(f"{k} {v}" for k, v in ls["versions"].items()) + f" — `{ls['command']}`")
+                     + ", ".join(f"{k} {v}" for k, v in ls["versions"].items()) + "; measured by "
+                     + "; ".join(f"`{c}`" for c in ls["commands"] or []))
+    rel = max((c["spread_libs"] / abs(c["nominal"]) for c in checks if c["nominal"]), default=0.0)
+    lines += ["", f"Largest spread between library sets, relative to the nominal value, over all checks: {rel:.1e}."]
     lines += ["", "Spread = max - min over every (library set, calibration seed orig/0..4, fixture window 0..4) "
               "measured; the per-axis columns are the largest spread along that axis with the others fixed. "
               "Margin = threshold - nominal (nominal: first set, frozen seed 0, window 0; old: the pre-freeze "

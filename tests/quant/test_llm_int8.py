@@ -207,7 +207,7 @@ def test_llm_int8_report_on_smollm2(llm_int8, w8a8):
     pairs = [(a.output_rel_mse, b.output_rel_mse) for a, b in zip(layers, w8a8[1].report.layers)
              if a.extra["outlier_fraction"] > 0]
     assert sum(a for a, _ in pairs) < 0.5 * sum(b for _, b in pairs)
-    assert all(a < 1.25 * b for a, b in pairs), max(a / b for a, b in pairs)
+    assert all(a < 1.5 * b for a, b in pairs), max(a / b for a, b in pairs)
 
 
 def test_outlier_fraction_table(llm_int8):
@@ -228,7 +228,7 @@ def test_outlier_fraction_table(llm_int8):
 
 
 def test_llm_int8_close_to_float_on_wikitext(smollm2, llm_int8, windows):
-    """2 x 256 WikiText-2 test tokens: KL(float || llm-int8) measured 0.019 nats/token (at most INT8_KL over
+    """2 x 256 WikiText-2 test tokens: KL(float || llm-int8) measured 0.019 nats/token (at most 0.032 over
     calibration seeds, windows and library sets; benchmarks/results/test_margins.md). Perplexity (+1.1% here) and
     the comparison with naive W8A8's KL both move with the calibration and the text by as much as they measure
     (PPL ratio 1.006-1.043; KL llm-int8/naive 0.50-0.84 over seeds and windows): the per-layer comparison with
