@@ -112,10 +112,17 @@ def m_awq(c, seed):
         out[f"mse_{name}"] = c.h.mean_output_rel_mse(res)
         out[f"layers_{name}"] = _layers(res)
         models[name] = model
+    out["windows"] = _score_windows(c, models, k=4)
+    return out
+
+
+def _score_windows(c, models: dict, k: int) -> dict:
+    """Per eval window j (2 x 128 ids): each model's scores (first k blocks quantized) and the float ppl."""
+    out = {}
     for j in WINDOWS:
         ids = c.window(0, 2, 128, j)
-        out["windows"][j] = {n: c.score(m, ids, k=4) for n, m in models.items()}
-        out["windows"][j]["float_ppl"] = c.h.ppl_kl(c.base(ids), c.base(ids), ids)[0]
+        out[j] = {n: c.score(m, ids, k=k) for n, m in models.items()}
+        out[j]["float_ppl"] = c.h.ppl_kl(c.base(ids), c.base(ids), ids)[0]
     return out
 
 
@@ -206,12 +213,9 @@ def m_zeroquant(c, seed):
     for name, opts in runs.items():
         models[name], res = _zeroquant_first_blocks(c.model, calib, 2, **opts)
         if name in ("lkd", "lkd3"):
-            log = getattr(res.report, "blocks", None) or res.method.lkd_log
+            log = res.report.blocks
             out[f"{name}_log"] = [{k: v for k, v in e.items() if k != "seconds"} for e in log]
-    for j in WINDOWS:
-        ids = c.window(0, 2, 128, j)
-        out["windows"][j] = {n: c.score(m, ids, k=2) for n, m in models.items()}
-        out["windows"][j]["float_ppl"] = c.h.ppl_kl(c.base(ids), c.base(ids), ids)[0]
+    out["windows"] = _score_windows(c, models, k=2)
     return out
 
 
