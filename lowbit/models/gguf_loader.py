@@ -12,7 +12,7 @@ import torch
 from lowbit.config import ModelConfig, rename_fields
 from lowbit.errors import LowbitError, first_line
 from lowbit.models.arch import arch_for_gguf, arch_of
-from lowbit.models.gguf_check import STRING, TYPE_NAMES, GGUFArray, GGUFLayout, TensorInfo, scan_gguf
+from lowbit.models.gguf_check import SCALARS, STRING, TYPE_NAMES, GGUFArray, GGUFLayout, TensorInfo, scan_gguf
 from lowbit.models.gguf_dequant import dequantize
 
 
@@ -52,7 +52,9 @@ def open_gguf(path: str | Path) -> GGUFFile:
     return GGUFFile(path, layout, data)
 
 
-_INTS, _FLOATS = {0, 1, 2, 3, 4, 5, 10, 11}, {6, 12}
+# metadata value types by their struct code (gguf_check.SCALARS): integers, and floats
+_INTS = {t for t, code in SCALARS.items() if code in "BbHhIiQq"}
+_FLOATS = {t for t, code in SCALARS.items() if code in "fd"}
 _KINDS = {int: (_INTS, "an integer"), float: (_INTS | _FLOATS, "a number"), str: ({STRING}, "a string")}
 
 
