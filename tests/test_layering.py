@@ -14,6 +14,7 @@ LAYERS = [
     ["engine", "generate"],
     ["quant"],
     ["models"],
+    ["formats"],          # compressed-tensors / GPTQ / AWQ tensors <-> lowbit layers
     ["layers"],
     ["kernels"],
     ["analysis"],

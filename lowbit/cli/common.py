@@ -34,3 +34,12 @@ def console():
     from rich.console import Console
     # Piped output would be cut to 80 columns; tables read better wider.
     return Console() if sys.stdout.isatty() else Console(width=120)
+
+
+FORMAT_CHOICES = ["lowbit", "compressed-tensors", "gptq", "awq"]
+
+
+def add_format_arg(p, default: str | None = "lowbit") -> None:
+    p.add_argument("--format", choices=FORMAT_CHOICES, default=default, required=default is None,
+                   help="checkpoint format: lowbit (every method), compressed-tensors (vLLM, SGLang, transformers, "
+                        "llm-compressor), gptq or awq (the hub's layouts)" + (f"; default {default}" if default else ""))

@@ -16,6 +16,7 @@ COMMANDS = {
     "generate": "lowbit.cli.generate_cmd",
     "quantize": "lowbit.cli.quantize_cmd",
     "compare": "lowbit.cli.compare_cmd",
+    "export": "lowbit.cli.export_cmd",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lowbit.cli.common import add_model_arg, console
+from lowbit.cli.common import add_format_arg, add_model_arg, console
 
 
 class _QuantizeParser(argparse.ArgumentParser):
@@ -48,12 +48,15 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed for the calibration windows (default 0)")
     p.add_argument("-o", "--out", required=True, help="output directory")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    add_format_arg(p)
     p.add_argument("--save-dtype", default="fp16", choices=["fp16", "bf16", "fp32"],
                    help="dtype of the tensors no method quantizes (embeddings, norms, an untied head; default fp16)")
     p.set_defaults(run=run)
 
 
 def run(args) -> int:
+    import torch
+
     from lowbit.errors import LowbitError
     from lowbit.models.loader import load
     from lowbit.quant.api import calibration_windows, quantize
@@ -64,9 +67,14 @@ def run(args) -> int:
     # the flags given; one that is not a field of this method's config is get_method's one-line error
     opts = {k: getattr(args, k) for k in method_flags() if getattr(args, k, None) is not None}
     method = get_method(method_name, **opts)
+    from lowbit.formats import check_method
+    check_method(args.format, method_name)
     if Path(args.out).exists() and not args.force:
         raise LowbitError(f"-o {args.out}: already exists (pass --force to replace it)")
     model, tok = load(args.model, dtype=args.dtype, device=args.device, strict=args.strict)
+    from lowbit.formats import preflight
+    preflight(args.format, method.cfg, {m.in_features for m in model.model.layers.modules()
+                                        if isinstance(m, torch.nn.Linear)})
     calib = None
     if args.calib:
         calib = calibration_windows(tok, args.calib, args.nsamples, args.calib_seqlen, args.seed)
@@ -74,7 +82,7 @@ def run(args) -> int:
         raise LowbitError(f"--method {method_name} needs calibration data: pass --calib FILE")
     result = quantize(model, method, calib, device=args.device)
     out = result.save(model, tok, args.out, overwrite=args.force, kv_cache=args.kv_cache,
-                      save_dtype=args.save_dtype)
+                      save_dtype=args.save_dtype, format=args.format)
     result.print(console())
     console().print(f"saved {out}")
     return 0

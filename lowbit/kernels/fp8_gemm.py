@@ -1,10 +1,9 @@
 """FP8 W8A8 (e4m3) on the GPU: Triton activation quantization, then torch._scaled_mm (cuBLASLt/CUTLASS).
 
-Activation scale granularity: per TENSOR (dynamic) or the static act_scale, exactly as FP8Linear's CPU
-reference. Per-token scales would be more accurate, but they would make the GPU layer a different format
-from the one calibrated, evaluated and saved on CPU; keeping the reference's semantics means the GPU
-output equals the reference up to accumulation order and the final rounding. Per-token is a one-mode
-change in quant_fp8 (ROW) should the layer ever grow that option.
+Activation scale granularity: per TENSOR (dynamic; lowbit's FP8 method), per TOKEN (dynamic; the
+compressed-tensors FP8_DYNAMIC scheme that hub checkpoints use, per_token=True) or the static act_scale,
+exactly as FP8Linear's CPU reference, so the GPU output equals the reference up to accumulation order and
+the final rounding.
 
 The product, for x bfloat16 where torch supports row-wise scales (sm_90, torch 2.11):
   _scaled_mm(qx, qw.T, scale_a [M, 1] = the tensor scale on every row, scale_b [1, N] = w_scale,
@@ -34,12 +33,14 @@ def supported(x: torch.Tensor) -> bool:
     return x.dtype in FLOAT_OUT and x.numel() > 0
 
 
-def quant_fp8(x: torch.Tensor, act_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quant_fp8(x: torch.Tensor, act_scale: torch.Tensor | None = None,
+              per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """quantize_act_fp8 on the GPU: x [M, K] -> (e4m3 codes [M, K], scale float32 [M, 1]), the one
-    per-tensor (or static) scale repeated on every row (the reference returns it once, [1, 1])."""
+    per-tensor (or static) scale repeated on every row (the reference returns it once, [1, 1]); per_token:
+    each row's own scale."""
     if act_scale is not None:
         return quant_rows(x, STATIC, act_scale.reshape(1).float(), fp8=True, qmax=E4M3_MAX)
-    if x.shape[0] == 1:  # one row: its absmax is the tensor's, so one launch does it
+    if x.shape[0] == 1 or per_token:  # one row: its absmax is the tensor's, so one launch does it
         return quant_rows(x, ROW, fp8=True, qmax=E4M3_MAX)
     _, rowmax = quant_rows(x, ROWMAX_ONLY, fp8=True, qmax=E4M3_MAX)  # [M, 1]
     return quant_rows(x, FROM_ROWMAX, rowmax.reshape(-1), fp8=True, qmax=E4M3_MAX)
@@ -65,18 +66,19 @@ def _one(device: torch.device) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
-               act_scale: torch.Tensor | None = None, rowwise: bool | None = None) -> torch.Tensor:
+               act_scale: torch.Tensor | None = None, rowwise: bool | None = None,
+               per_token: bool = False) -> torch.Tensor:
     """FP8 W8A8 linear: x [..., K] -> y [..., N] in x's dtype (FP8Linear's reference semantics).
 
     qweight float8_e4m3fn [N, K], w_scale float32 [N, 1] (per channel) or [1, 1]; act_scale: static
-    activation scale or None (per-tensor dynamic). rowwise: force (True/False) the row-wise _scaled_mm
+    activation scale or None (per-tensor dynamic; per_token: per-row dynamic). rowwise: force (True/False) the row-wise _scaled_mm
     path; None picks it where it applies (see the module docstring).
     """
     if x.dtype not in FLOAT_OUT:
         raise LowbitError(f"fp8_linear needs a float16/bfloat16/float32 input, got {x.dtype}")
     n, k = qweight.shape
     x2 = x.reshape(-1, k)  # [M, K]
-    qx, sx = quant_fp8(x2, act_scale)  # [M, K] e4m3, [M, 1]
+    qx, sx = quant_fp8(x2, act_scale, per_token)  # [M, K] e4m3, [M, 1]
     if not scaled_mm_supported(qx, qweight):  # the reference's emulation, on the kernel's codes
         y = fp8_dequantize(qx, sx) @ fp8_dequantize(qweight, w_scale).t()  # [M, N] float32
         y = (y if bias is None else y + bias.float()).to(x.dtype)
@@ -94,8 +96,8 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bi
             y = None
     if y is None:
         per_row = w_scale.numel() > 1
-        acc = torch._scaled_mm(qx, qweight.t(), scale_a=sx[:1].reshape(()),
+        acc = torch._scaled_mm(qx, qweight.t(), scale_a=_one(qx.device) if per_token else sx[:1].reshape(()),
                                scale_b=_one(qx.device) if per_row else w_scale.reshape(()).float(),
                                out_dtype=torch.float32)  # [M, N] = (qx . qw) * sx (* w_scale per tensor)
-        y = rescale(acc, None, w_scale if per_row else None, bias, x.dtype)  # [M, N]
+        y = rescale(acc, sx if per_token else None, w_scale if per_row else None, bias, x.dtype)  # [M, N]
     return y.reshape(*x.shape[:-1], n)  # [..., N]

@@ -35,8 +35,11 @@ def quantize_act_int8(x: torch.Tensor, act_scale: torch.Tensor | None):
     return quantize(x, s, 0, INT8_SYM), s
 
 
-def quantize_act_fp8(x: torch.Tensor, act_scale: torch.Tensor | None):
-    """x [M, in] -> (e4m3 codes [M, in], scale [1, 1]): per-tensor dynamic, or the static act_scale."""
+def quantize_act_fp8(x: torch.Tensor, act_scale: torch.Tensor | None, per_token: bool = False):
+    """x [M, in] -> (e4m3 codes [M, in], scale [1, 1]): per-tensor dynamic, or the static act_scale;
+    per_token: one dynamic scale per row, [M, 1]."""
+    if per_token and act_scale is None:
+        return fp8_quantize(x, FP8_FMT, per_channel=True)
     return fp8_quantize(x, FP8_FMT, per_channel=False, scale=None if act_scale is None else act_scale.reshape(1, 1))
 
 

@@ -140,11 +140,12 @@ class LlamaForCausalLM(nn.Module):
 
     def save_pretrained(self, out, tokenizer=None, *, method: dict, calibration: dict | None = None,
                         report: dict | None = None, overwrite: bool = False, kv_cache: str | None = None,
-                        save_dtype: str | None = "fp16"):
-        """Write this (quantized) model as a lowbit checkpoint directory; `lowbit.load(out)` reads it back."""
+                        save_dtype: str | None = "fp16", format: str = "lowbit"):
+        """Write this (quantized) model as a checkpoint directory, lowbit's or one of lowbit.formats
+        (compressed-tensors, gptq, awq); `lowbit.load(out)` reads it back."""
         from lowbit.models.checkpoint import save_quantized
         return save_quantized(self, tokenizer, out, method, calibration, report, overwrite=overwrite,
-                              kv_cache=kv_cache, save_dtype=save_dtype)
+                              kv_cache=kv_cache, save_dtype=save_dtype, format=format)
 
     @property
     def kv_quant(self):

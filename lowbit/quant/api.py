@@ -40,14 +40,15 @@ class QuantResult:
     calibration: Calibration | None
 
     def save(self, model, tok, out: str | Path, overwrite: bool = False, kv_cache: str | None = None,
-             save_dtype: str | None = "fp16") -> Path:
+             save_dtype: str | None = "fp16", format: str = "lowbit") -> Path:
         """Write the quantized model (`model.save_pretrained`); `kv_cache` ("int8"/"fp8") is recorded and applied
-        when it is loaded; tensors left unquantized are stored in `save_dtype`."""
+        when it is loaded; tensors left unquantized are stored in `save_dtype`; format: lowbit |
+        compressed-tensors | gptq | awq (lowbit.formats)."""
         kv_cache = kv_cache or (model.kv_quant.dtype if model.kv_quant is not None else None)
         return model.save_pretrained(out, tok, method=self.method.describe(),
                                      calibration=self.calibration.describe() if self.calibration else None,
                                      report=self.report.to_dict(), overwrite=overwrite, kv_cache=kv_cache,
-                                     save_dtype=save_dtype)
+                                     save_dtype=save_dtype, format=format)
 
     def print(self, console) -> None:
         from rich.table import Table

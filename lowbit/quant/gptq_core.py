@@ -70,7 +70,8 @@ class GPTQResult:
     codes: torch.Tensor  # [out, in] spec.code_dtype, ORIGINAL column order
     scale: torch.Tensor  # [out, G] (G = ceil(in / group_size), or 1 per-channel / per-tensor)
     zero: torch.Tensor   # [out, G] (zeros for symmetric specs)
-    g_idx: torch.Tensor  # int32 [in]: group of each original column (not monotone with act_order)
+    g_idx: torch.Tensor  # int32 [in]: group of each original column (not monotone with act_order,
+                         # unless static_groups: then arange(in) // group_size)
     W_hat: torch.Tensor  # [out, in] = dequantize(codes, scale[:, g_idx], zero[:, g_idx]) in W's dtype
     loss: float          # Σ (w - q)² / [H⁻¹]_qq / 2, the OBS error as the reference sums it
     damp: float          # λ actually added to diag(H)
@@ -144,14 +145,24 @@ def _check(W, H, spec, blocksize, percdamp):
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: int = 128,
                   percdamp: float = 0.01, act_order: bool = False, mse_clip: bool = False,
-                  scale_dtype: torch.dtype | None = None) -> GPTQResult:
+                  scale_dtype: torch.dtype | None = None, static_groups: bool = False) -> GPTQResult:
     """Quantize W [out, in] column by column with GPTQ against the input Hessian H [in, in].
 
     Works in float64 if W or H is float64, else float32 (as the reference). Groups
     (spec.group_size > 0) are consecutive runs of group_size columns in PROCESSING order (the
     permuted order with act_order, the reference's default non-"static" groups); the last group
-    may be shorter when group_size does not divide in. group_size -1 (per-channel) / 0 (per-tensor)
-    take their ranges from W once, before any column is quantized, as the reference does.
+    may be shorter when group_size does not divide in. Each group's range is taken when its first
+    column comes up, from the group's weights as the error feedback has left them.
+    group_size -1 (per-channel) / 0 (per-tensor) take their ranges from W once, before any column
+    is quantized, as the reference does.
+
+    static_groups (the reference's `static_groups`; compressed-tensors' actorder="weight" when
+    combined with act_order): groups are the contiguous runs j·g .. (j+1)·g - 1 of the ORIGINAL
+    column order, and every group's range is taken upfront from the original (dead-zeroed) W,
+    before any error feedback. Columns are still processed in act_order's order, each quantized
+    against its own original-order group's range, so g_idx is arange(in) // group_size (monotone:
+    a checkpoint needs no g_idx). Without act_order only the moment the ranges are taken changes
+    (upfront instead of at group start). No effect for per-channel / per-tensor specs.
     """
     _check(W, H, spec, blocksize, percdamp)
     dt = torch.float64 if torch.float64 in (W.dtype, H.dtype) else torch.float32
@@ -167,22 +178,32 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     W[:, dead] = 0
 
     gs = spec.group_size
+    static = static_groups and gs > 0
     if gs > 0:
         n_groups = -(-n // gs)  # ceil: a non-dividing group_size leaves a shorter last group
-        scale = W.new_zeros(n_out, n_groups)  # [out, G], filled as each group starts
+        scale = W.new_zeros(n_out, n_groups)  # [out, G], filled as each group starts (or now if static)
         zero = W.new_zeros(n_out, n_groups)
+        if static:  # reference static_groups: every range from the original-order, un-updated W
+            for g in range(n_groups):
+                s, z = _row_params(W[:, g * gs:(g + 1) * gs], spec, mse_clip, scale_dtype=scale_dtype)  # [out, 1]
+                scale[:, g:g + 1], zero[:, g:g + 1] = s, z
     else:  # one range per row (-1) or for the whole matrix (0), from the (dead-zeroed) W upfront.
         # Deviation: the reference takes it before zeroing dead columns; their weights never
         # reach the output, so we keep them from widening the grid.
         scale, zero = _row_params(W, spec, mse_clip, per_tensor=(gs == 0), scale_dtype=scale_dtype)  # [out, 1]
-    # Group of each column in processing order: i // group_size (0 for per-channel / per-tensor).
-    gp = torch.arange(n, device=W.device) // gs if gs > 0 else torch.zeros(n, dtype=torch.long, device=W.device)
 
     perm = None
     if act_order:  # reference "desc_act": largest diag(H) first (stable sort: deterministic ties)
         perm = torch.argsort(H.diagonal(), descending=True, stable=True)  # [n]
         W = W[:, perm]  # [out, n] columns in processing order
         H = H[perm][:, perm]  # [n, n] rows and columns permuted alike
+
+    # Group of the column at each processing index i: i // group_size, or with static groups the
+    # group of the original column processed there, perm[i] // group_size (0 for per-channel / per-tensor).
+    if gs > 0:
+        gp = (perm if static and perm is not None else torch.arange(n, device=W.device)) // gs  # [n]
+    else:
+        gp = torch.zeros(n, dtype=torch.long, device=W.device)  # [n]
 
     # Algorithm 1, line 3: H⁻¹ <- Cholesky(H⁻¹)ᵀ, after dampening H += λI.
     Hinv, lam, p_used = _damped_inverse_cholesky(H, float(percdamp))
@@ -198,7 +219,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
         for i in range(i2 - i1):  # Algorithm 1, line 5
             j = i1 + i  # column index in processing order
             g = int(gp[j])
-            if gs > 0 and j % gs == 0:
+            if gs > 0 and not static and j % gs == 0:
                 # A new group starts: its range comes from the group's CURRENT weights, i.e. with
                 # the error feedback of every column quantized so far. In-block columns have it in
                 # W1; columns past the block still miss this block's lazy update, so add it here.
@@ -226,7 +247,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, blocksize: 
     if perm is not None:  # un-permute: original column perm[i] was processed i-th
         inv = torch.argsort(perm)  # [n], inv[perm[i]] = i
         codes = codes[:, inv]  # [out, n] original order
-        g_idx = gp[inv]  # g_idx[perm[i]] = i // group_size (reference default with act_order)
+        g_idx = gp[inv]  # g_idx[perm[i]] = i // group_size (reference default with act_order),
+        # or perm[i] // group_size with static groups, i.e. g_idx = arange(n) // group_size
     g_idx = g_idx.to(torch.int32)
     W_hat = dequantize(codes, scale[:, g_idx], zero[:, g_idx], spec, dtype=W_in_dtype)  # [out, n]
     return GPTQResult(codes=codes, scale=scale, zero=zero, g_idx=g_idx, W_hat=W_hat,

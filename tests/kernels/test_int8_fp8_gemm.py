@@ -276,5 +276,35 @@ def test_gpu_int8_int_mm_backend_and_fp8_fallback_bitwise():
                 assert torch.equal(y, f8(x)), (m, k, n, dtype)
 
 
+def test_fp8_per_token_reference_is_the_direct_computation():
+    """per_token_act (compressed-tensors' FP8_DYNAMIC): each row's own absmax/448 step, float64 direct math."""
+    _, f8 = _layers(256, 64, torch.float32)
+    f8t = FP8Linear(256, 64, per_token_act=True, bias=f8.bias is not None, dtype=torch.float32)
+    f8t.load_state_dict(f8.state_dict())
+    x = torch.randn(7, 256) * torch.logspace(-2, 2, 7)[:, None]            # rows of very different ranges
+    s = x.double().abs().amax(-1, keepdim=True) / 448                          # [7, 1]
+    qx = (x.double() / s).to(torch.float8_e4m3fn).double() * s                 # [7, 256]
+    want = qx @ f8.dequantized_weight(torch.float64).t() + (0 if f8.bias is None else f8.bias.double())
+    y = f8t(x).double()
+    assert (y - want).abs().max() < 1e-5 * want.abs().max()
+    assert (f8(x).double() - want).abs().max() > 1e-3 * want.abs().max()   # per tensor is another result
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_gpu_fp8_per_token_matches_reference(rowwise):
+    from lowbit.kernels.fp8_gemm import fp8_linear
+    for m, k, n in [(1, 256, 128), (17, 4096, 1024), (300, 1024, 4096)]:
+        _, f8 = _layers(k, n, torch.bfloat16, device="cuda")
+        f8t = FP8Linear(k, n, per_token_act=True, bias=f8.bias is not None, dtype=torch.bfloat16, device="cuda")
+        f8t.load_state_dict(f8.state_dict())
+        x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16) * torch.logspace(-1, 1, m, device="cuda")[:, None].bfloat16()
+        y = fp8_linear(x, f8t.qweight, f8t.w_scale, f8t.bias, rowwise=rowwise, per_token=True)
+        with kernels_disabled():
+            ref = f8t(x)
+        torch.testing.assert_close(y.float(), ref.float(), rtol=1.6e-2, atol=1e-2 * float(ref.abs().max()),
+                                   msg=f"{(m, k, n, rowwise)}")
+
+
 if __name__ == "__main__":  # the interpreter tests run one check per subprocess
     INTERP_CHECKS[sys.argv[1]]()

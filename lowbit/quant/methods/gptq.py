@@ -22,6 +22,9 @@ class GPTQConfig(WeightGridConfig):
     percdamp: float = option(0.01, "dampening, a fraction of the mean Hessian diagonal")
     blocksize: int = option(128, "columns per lazy-batch block")
     mse_clip: bool = option(False, "MSE-optimal grid ranges instead of min-max")
+    static_groups: bool = option(False, "groups are contiguous runs of the original columns, ranges taken "
+                                        "before any update; with act-order no g_idx is stored "
+                                        "(compressed-tensors actorder=\"weight\")")
 
 
 @register("gptq")
@@ -42,9 +45,12 @@ class GPTQ(Method):
         c = self.cfg
         res = gptq_quantize(linear.weight.detach().float(), stats.H, self.spec, blocksize=c.blocksize,
                             percdamp=c.percdamp, act_order=c.act_order, mse_clip=c.mse_clip,
-                            scale_dtype=SCALE_DTYPE)
+                            scale_dtype=SCALE_DTYPE, static_groups=c.static_groups)
         ragged = c.group_size > 0 and linear.in_features % c.group_size != 0
+        # Static groups are contiguous (g_idx = arange // group_size) even with act_order: a g_idx only
+        # for a short last group, and the layer is then not an act-order one.
+        permuted = c.act_order and not c.static_groups
         layer = WeightOnlyLinear.from_quantized(
             res.codes, res.scale, None if c.sym else res.zero, self.spec, linear.bias,
-            g_idx=res.g_idx if (c.act_order or ragged) else None, dtype=SCALE_DTYPE)
+            g_idx=res.g_idx if (permuted or ragged) else None, dtype=SCALE_DTYPE)
         return Quantized(layer, {"gptq_loss": res.loss, "percdamp": res.percdamp})
