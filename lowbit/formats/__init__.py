@@ -60,7 +60,7 @@ def preflight(format: str, cfg, in_features: set[int]) -> None:
         if bad:
             raise LowbitError(f"--format {format}: in_features={bad[0]} is not a multiple of --group-size {gs} "
                               f"(lowbit's short last group), which {format} cannot hold; use a group size that "
-                              f"divides every width (e.g. {_divisor(in_features)}) or --format lowbit")
+                              f"divides every width (e.g. {divisor_hint(in_features)}) or --format lowbit")
     if getattr(cfg, "zero_point", "int") == "float" and not getattr(cfg, "sym", False):
         raise LowbitError(f"--format {format}: --zero-point float (a real-valued zero offset) is not in the "
                           f"format; use --zero-point int or --format lowbit")
@@ -72,7 +72,8 @@ def preflight(format: str, cfg, in_features: set[int]) -> None:
                           f"--format gptq, compressed-tensors or lowbit")
 
 
-def _divisor(widths: set[int]) -> str:
+def divisor_hint(widths: set[int]) -> str:
+    """A group size dividing every width, for error messages."""
     return next((str(g) for g in (128, 64, 32) if all(n % g == 0 for n in widths)), "-1 (per channel)")
 
 

@@ -23,7 +23,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.files import field
-from lowbit.formats.gptq import (build_layer, check_common, check_shape, fp16_exact, pop_tensor, trivial_g_idx,
+from lowbit.formats.gptq import (build_layer, check_common, check_shape, fp16_exact, packed_modules, trivial_g_idx,
                                  unsigned_codes_and_zeros, weight_only_layers)
 from lowbit.kernels.primitives import pack_int32, unpack_int32
 
@@ -103,18 +103,8 @@ def _config(qc: dict, where: str) -> int:
 def import_layers(quantization_config: dict, sd: dict[str, torch.Tensor], where: str) -> dict:
     """lowbit layers for every quantized Linear of an AWQ GEMM checkpoint; pops their tensors."""
     gs = _config(quantization_config, where)
-    names = sorted(k[: -len(".qweight")] for k in sd if k.endswith(".qweight"))
-    if not names:
-        raise LowbitError(f"{where}: quant_method awq, but the weights hold no <module>.qweight tensor")
     layers = {}
-    for name in names:
-        qweight = pop_tensor(sd, name, "qweight", where, (torch.int32,))
-        qzeros = pop_tensor(sd, name, "qzeros", where, (torch.int32,))
-        scales = pop_tensor(sd, name, "scales", where, "float")
-        bias = sd.pop(f"{name}.bias", None)
-        if qweight.ndim != 2 or scales.ndim != 2:
-            raise LowbitError(f"{where}: module {name}: qweight and scales must be 2-d, got shapes "
-                              f"{list(qweight.shape)} and {list(scales.shape)}")
+    for name, qweight, qzeros, scales, bias in packed_modules(sd, "awq", where):
         in_f, out_f = qweight.shape[0], qweight.shape[1] * 8
         layer_gs = -1 if gs == -1 or gs > in_f else gs            # a group wider than the layer: per channel
         if layer_gs > 0 and in_f % layer_gs:

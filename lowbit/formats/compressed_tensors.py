@@ -22,6 +22,7 @@ from collections import defaultdict
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.formats import divisor_hint
 from lowbit.kernels.primitives import QuantSpec
 from lowbit.layers import FP8Linear, Int8Linear, WeightOnlyLinear
 
@@ -61,7 +62,7 @@ def _weight_only_scheme(name: str, layer: WeightOnlyLinear, actorder: str | None
                 f"--format compressed-tensors: module {name} has in_features={layer.in_features}, not a multiple "
                 f"of --group-size {spec.group_size} (lowbit's short last group); vLLM and the compressed-tensors "
                 f"kernels need group sizes that divide every width: use a divisor such as "
-                f"{_divisor_hint(layer.in_features)}, or --format lowbit")
+                f"{divisor_hint({layer.in_features})}, or --format lowbit")
         raise LowbitError(f"--format compressed-tensors: module {name} has act-order groups (g_idx), which "
                           f"compressed-tensors no longer stores (its actorder 'group' was removed); quantize "
                           f"with --act-order --static-groups (actorder 'weight'), or use --format gptq or lowbit")
@@ -71,10 +72,6 @@ def _weight_only_scheme(name: str, layer: WeightOnlyLinear, actorder: str | None
     if actorder and strategy == "group":
         w["actorder"] = actorder
     return {"weights": w, "input_activations": None, "format": "pack-quantized"}, "pack-quantized"
-
-
-def _divisor_hint(n: int) -> str:
-    return " or ".join(str(g) for g in (32, 64, 128) if n % g == 0) or "-1 (per channel)"
 
 
 def _w8a8_scheme(layer) -> tuple[dict, str]:
@@ -157,7 +154,8 @@ def export(model, method: dict | None = None):
         targets = ["Linear"] if single else [f"re:^{re.escape(n)}$" for n in names]
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, **scheme_of[key])
     fmts = {s["format"] for s in scheme_of.values()}
-    qc = QuantizationConfig(config_groups=groups, ignore=[n for n in linears if n not in tensors_modules(tensors)],
+    quantized = _modules_of(tensors)
+    qc = QuantizationConfig(config_groups=groups, ignore=[n for n in linears if n not in quantized],
                             format=fmts.pop() if len(fmts) == 1 else "mixed-precision",
                             quantization_status="compressed")
     import compressed_tensors
@@ -167,7 +165,7 @@ def export(model, method: dict | None = None):
     return cfg, tensors
 
 
-def tensors_modules(tensors: dict) -> set[str]:
+def _modules_of(tensors: dict) -> set[str]:
     return {k.rsplit(".", 1)[0] for k in tensors}
 
 
@@ -271,9 +269,12 @@ def import_layers(quantization_config: dict, sd: dict[str, torch.Tensor], where:
                if k not in ("quant_method", "version", "sparsity_config", "transform_config")}
     try:
         qc = QuantizationConfig.model_validate(qc_dict)
-    except Exception as e:  # pydantic's ValidationError: several lines; keep the first
-        raise LowbitError(f"{where}: quantization_config is not a valid compressed-tensors config: "
-                          f"{str(e).splitlines()[0]}") from None
+    except Exception as e:  # pydantic's ValidationError: several lines; name the first field and its problem
+        errs = e.errors() if hasattr(e, "errors") else []
+        loc = [str(x) for x in errs[0]["loc"] if "[" not in str(x)] if errs else []   # drop validator names
+        detail = (f"field {'.'.join(loc)}: {errs[0]['msg']}" if errs
+                  else str(e).splitlines()[0])
+        raise LowbitError(f"{where}: quantization_config is not a valid compressed-tensors config: {detail}") from None
     if quantization_config.get("sparsity_config") or quantization_config.get("transform_config"):
         raise LowbitError(f"{where}: sparsity_config / transform_config are not read by lowbit")
     modules = sorted({k.rsplit(".", 1)[0] for k in sd if k.endswith((".weight_packed", ".weight_scale"))})

@@ -269,23 +269,30 @@ def build_layer(name: str, q: torch.Tensor, zeros: torch.Tensor, scales: torch.T
         raise LowbitError(f"{where}: module {name}: {e}") from None
 
 
-def import_layers(quantization_config: dict, sd: dict[str, torch.Tensor], where: str) -> dict[str, WeightOnlyLinear]:
-    """lowbit layers for every quantized Linear of a GPTQ (v1, or gptqmodel's v2) checkpoint; pops their tensors."""
-    bits, gs, sym, desc_act, v1 = _config(quantization_config, where)
-    per, half = 32 // bits, 1 << (bits - 1)
+def packed_modules(sd: dict[str, torch.Tensor], quant_method: str, where: str):
+    """(name, qweight, qzeros, scales, bias) of every <name>.qweight in sd (GPTQ and AWQ share these names),
+    popped from sd and checked for dtype and rank."""
     names = sorted(k[: -len(".qweight")] for k in sd if k.endswith(".qweight"))
     if not names:
-        raise LowbitError(f"{where}: quant_method gptq, but the weights hold no <module>.qweight tensor")
-    layers = {}
+        raise LowbitError(f"{where}: quant_method {quant_method}, but the weights hold no <module>.qweight tensor")
     for name in names:
         qweight = pop_tensor(sd, name, "qweight", where, (torch.int32,))
         qzeros = pop_tensor(sd, name, "qzeros", where, (torch.int32,))
         scales = pop_tensor(sd, name, "scales", where, "float")
-        g_idx = sd.pop(f"{name}.g_idx", None)
         bias = sd.pop(f"{name}.bias", None)
         if qweight.ndim != 2 or scales.ndim != 2:
             raise LowbitError(f"{where}: module {name}: qweight and scales must be 2-d, got shapes "
                               f"{list(qweight.shape)} and {list(scales.shape)}")
+        yield name, qweight, qzeros, scales, bias
+
+
+def import_layers(quantization_config: dict, sd: dict[str, torch.Tensor], where: str) -> dict[str, WeightOnlyLinear]:
+    """lowbit layers for every quantized Linear of a GPTQ (v1, or gptqmodel's v2) checkpoint; pops their tensors."""
+    bits, gs, sym, desc_act, v1 = _config(quantization_config, where)
+    per, half = 32 // bits, 1 << (bits - 1)
+    layers = {}
+    for name, qweight, qzeros, scales, bias in packed_modules(sd, "gptq", where):
+        g_idx = sd.pop(f"{name}.g_idx", None)
         in_f, out_f = qweight.shape[0] * per, qweight.shape[1]
         layer_gs = -1 if gs == -1 or gs > in_f else gs                # a group wider than the layer: per channel
         want_g = 1 if layer_gs == -1 else -(-in_f // layer_gs)

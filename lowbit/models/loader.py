@@ -162,10 +162,10 @@ def _read(path: Path, torch_dtype: torch.dtype, device: str, tokenizer: bool, st
     if path.is_dir():
         only_regular_files(path, "model directory")
         cfg = hf_loader.hf_config(path)
-        foreign = _foreign_format(path)
+        foreign, qc = _foreign_format(path)
         quantized = checkpoint.is_quantized_dir(path)
         if foreign:
-            return _read_foreign(path, cfg, foreign, torch_dtype, device, tokenizer, strict)
+            return _read_foreign(path, cfg, foreign, qc, torch_dtype, device, tokenizer, strict)
         if quantized:
             qcfg = checkpoint.read_qconfig(path)
             files = [path / "model.safetensors"]
@@ -190,29 +190,29 @@ def _read(path: Path, torch_dtype: torch.dtype, device: str, tokenizer: bool, st
     return model, tok, cfg, qcfg
 
 
-def _foreign_format(path: Path) -> str | None:
-    """The lowbit.formats name of a directory whose config.json names compressed-tensors, GPTQ or AWQ."""
+def _foreign_format(path: Path) -> tuple[str | None, dict | None]:
+    """(lowbit.formats name, quantization_config) of a directory whose config.json names compressed-tensors,
+    GPTQ or AWQ; (None, None) for any other directory."""
     from lowbit.files import read_json
     from lowbit.formats import format_of_quant_method
 
     qc = read_json(path / "config.json", "model config").get("quantization_config")
     if not isinstance(qc, dict):
-        return None
+        return None, None
     qm = qc.get("quant_method")
     name = format_of_quant_method(qm)
     if name is None and qm not in (None, checkpoint.FORMAT):
         raise LowbitError(f"{path / 'config.json'}: quantization_config.quant_method {qm!r} is not one lowbit "
                           f"reads (compressed-tensors, gptq, awq, lowbit)")
-    return name
+    return name, qc
 
 
-def _read_foreign(path: Path, cfg: ModelConfig, name: str, torch_dtype, device, tokenizer: bool, strict: bool):
+def _read_foreign(path: Path, cfg: ModelConfig, name: str, qc: dict, torch_dtype, device, tokenizer: bool,
+                  strict: bool):
     """A compressed-tensors / GPTQ / AWQ directory -> lowbit's own quantized layers (codes and scales as stored)."""
-    from lowbit.files import read_json
     from lowbit.formats import get_format
 
     where = str(path / "config.json")
-    qc = read_json(path / "config.json", "model config")["quantization_config"]
     files = hf_loader.safetensors_files(path)
     sd = hf_loader.read_safetensors(files)
     source = str(files[0] if len(files) == 1 else path)

@@ -334,3 +334,40 @@ def test_kv_cache_refused(smollm2_4, tmp_path):
     with pytest.raises(LowbitError, match="kv_cache_scheme holds static"):
         model.save_pretrained(tmp_path / "o", None, method={}, format="compressed-tensors", kv_cache="int8")
     assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- malformed hub directories
+
+def _copy(d, tmp_path):
+    import shutil
+    out = tmp_path / "bad"
+    shutil.copytree(d, out)
+    return out
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(num_bits="four"),
+     "not a valid compressed-tensors config: field config_groups.group_0.weights.num_bits"),
+    (lambda qc: qc["config_groups"]["group_0"]["weights"].update(type="float", num_bits=4, group_size=16),
+     "is not one lowbit reads"),
+    (lambda qc: qc.update(ignore=["Linear"]), "belongs to no config group"),
+])
+def test_bad_quantization_config_is_one_line(exported, tmp_path, edit, needle):
+    d = _copy(exported["w4sym_g64"][0], tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg["quantization_config"])
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LowbitError) as e:
+        load(d, tokenizer=False)
+    msg = str(e.value)
+    assert needle in msg and str(d / "config.json") in msg and "\n" not in msg, msg
+
+
+def test_missing_tensor_is_one_line(exported, tmp_path):
+    from safetensors.torch import save_file
+    d = _copy(exported["w4sym_g64"][0], tmp_path)
+    sd = load_file(str(d / "model.safetensors"))
+    del sd["model.layers.1.mlp.up_proj.weight_shape"]
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(LowbitError, match=r"module model.layers.1.mlp.up_proj: missing tensor .*weight_shape$"):
+        load(d, tokenizer=False)
