@@ -143,6 +143,17 @@ def run_case(name, method, opts, fmt, model0, tok, calib, windows, work: Path) -
     return row
 
 
+def installed(*names: str) -> dict[str, str]:
+    """Versions of the packages present (the GPTQ/AWQ rows run where gptqmodel is, the others need not have it)."""
+    out = {}
+    for n in names:
+        try:
+            out[n] = md.version(n)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cases", nargs="*", default=list(CASES), choices=list(CASES))
@@ -169,7 +180,7 @@ def main() -> int:
     meta = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "device": "cpu",
             "cpu": platform.processor() or platform.machine(), "command": " ".join(["python"] + sys.argv),
             "calibration": "WikiText-2 valid, 16 x 512, seed 0", "eval": "WikiText-2 test, first 4 x 512 windows",
-            "versions": {p: md.version(p) for p in ("torch", "transformers", "compressed-tensors")}}
+            "versions": installed("torch", "transformers", "compressed-tensors", "gptqmodel", "optimum")}
     out = Path(args.out)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
