@@ -36,10 +36,9 @@ def console():
     return Console() if sys.stdout.isatty() else Console(width=120)
 
 
-FORMAT_CHOICES = ["lowbit", "compressed-tensors", "gptq", "awq"]
-
-
 def add_format_arg(p, default: str | None = "lowbit") -> None:
-    p.add_argument("--format", choices=FORMAT_CHOICES, default=default, required=default is None,
+    from lowbit.formats import FORMATS   # a table only: importing it loads no format module
+
+    p.add_argument("--format", choices=["lowbit", *FORMATS], default=default, required=default is None,
                    help="checkpoint format: lowbit (every method), compressed-tensors (vLLM, SGLang, transformers, "
                         "llm-compressor), gptq or awq (the hub's layouts)" + (f"; default {default}" if default else ""))

@@ -58,6 +58,7 @@ def run(args) -> int:
     import torch
 
     from lowbit.errors import LowbitError
+    from lowbit.formats import check_method, preflight
     from lowbit.models.loader import load
     from lowbit.quant.api import calibration_windows, quantize
     from lowbit.quant.options import method_flags
@@ -67,12 +68,10 @@ def run(args) -> int:
     # the flags given; one that is not a field of this method's config is get_method's one-line error
     opts = {k: getattr(args, k) for k in method_flags() if getattr(args, k, None) is not None}
     method = get_method(method_name, **opts)
-    from lowbit.formats import check_method
     check_method(args.format, method_name)
     if Path(args.out).exists() and not args.force:
         raise LowbitError(f"-o {args.out}: already exists (pass --force to replace it)")
     model, tok = load(args.model, dtype=args.dtype, device=args.device, strict=args.strict)
-    from lowbit.formats import preflight
     preflight(args.format, method.cfg, {m.in_features for m in model.model.layers.modules()
                                         if isinstance(m, torch.nn.Linear)})
     calib = None

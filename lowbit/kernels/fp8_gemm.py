@@ -40,7 +40,7 @@ def quant_fp8(x: torch.Tensor, act_scale: torch.Tensor | None = None,
     each row's own scale."""
     if act_scale is not None:
         return quant_rows(x, STATIC, act_scale.reshape(1).float(), fp8=True, qmax=E4M3_MAX)
-    if x.shape[0] == 1 or per_token:  # one row: its absmax is the tensor's, so one launch does it
+    if x.shape[0] == 1 or per_token:  # each row's own absmax (one row: the tensor's): one launch
         return quant_rows(x, ROW, fp8=True, qmax=E4M3_MAX)
     _, rowmax = quant_rows(x, ROWMAX_ONLY, fp8=True, qmax=E4M3_MAX)  # [M, 1]
     return quant_rows(x, FROM_ROWMAX, rowmax.reshape(-1), fp8=True, qmax=E4M3_MAX)
@@ -71,8 +71,8 @@ def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor, bi
     """FP8 W8A8 linear: x [..., K] -> y [..., N] in x's dtype (FP8Linear's reference semantics).
 
     qweight float8_e4m3fn [N, K], w_scale float32 [N, 1] (per channel) or [1, 1]; act_scale: static
-    activation scale or None (per-tensor dynamic; per_token: per-row dynamic). rowwise: force (True/False) the row-wise _scaled_mm
-    path; None picks it where it applies (see the module docstring).
+    activation scale or None (per-tensor dynamic; per_token: per-row dynamic). rowwise: force (True/False)
+    the row-wise _scaled_mm path; None picks it where it applies (see the module docstring).
     """
     if x.dtype not in FLOAT_OUT:
         raise LowbitError(f"fp8_linear needs a float16/bfloat16/float32 input, got {x.dtype}")

@@ -47,7 +47,7 @@ class FP8Linear(_QuantLinear):
         self._check_input(x)
         if use_kernels(x):
             from lowbit.kernels import fp8_gemm  # imports triton: only once a CUDA input shows up
-            if fp8_gemm.supported(x):  # per-tensor activation scale, as below (see fp8_gemm's docstring)
+            if fp8_gemm.supported(x):  # the same activation scales as below (see fp8_gemm's docstring)
                 return fp8_gemm.fp8_linear(x, self.qweight, self.w_scale, self.bias, self.act_scale,
                                            per_token=self.per_token_act)
         qx, sx = quantize_act_fp8(x.reshape(-1, self.in_features), self.act_scale,

@@ -101,10 +101,14 @@ def _save_foreign(model, tokenizer, out: Path, method: dict, report: dict | None
     from lowbit.formats import get_format
 
     fmt = get_format(format)
-    if kv_cache and model.kv_quant is None:
+    kv_before = model.kv_quant
+    if kv_cache and kv_before is None:   # the format judges the KV setting from the model: show it, then restore
         from lowbit.layers.kv_quant import KVQuant
-        model.set_kv_quant(KVQuant(kv_cache))   # so the format sees (and refuses) it
-    qc, qtensors = fmt.export(model, method)    # refusals happen here, before anything is written
+        model.set_kv_quant(KVQuant(kv_cache))
+    try:
+        qc, qtensors = fmt.export(model, method)    # refusals happen here, before anything is written
+    finally:
+        model.set_kv_quant(kv_before)
     tensors = {**_tensors(model, SAVE_DTYPES.get(save_dtype), skip_quantized=True), **qtensors}
     dtype = save_dtype or str(model.dtype).removeprefix("torch.")
     with atomic_dir(out) as tmp:
