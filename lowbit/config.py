@@ -131,6 +131,9 @@ class ModelConfig:
         return asdict(self)
 
 
+MAX_LOGPROBS = 20   # top alternatives per token at most (OpenAI's top_logprobs limit)
+
+
 @dataclass
 class SamplingParams:
     """How to pick the next token and when to stop (vLLM's names)."""
@@ -143,6 +146,7 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False
     n: int = 1                      # completions per prompt (they share the prompt's KV blocks)
+    logprobs: int | None = None     # None: off; k >= 0: each token's log-probability and the k most likely
 
     def __post_init__(self) -> None:
         if isinstance(self.n, bool) or not isinstance(self.n, int) or self.n < 1:
@@ -159,6 +163,9 @@ class SamplingParams:
             raise LowbitError(f"top_p: must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise LowbitError(f"top_k: must be >= 0, got {self.top_k}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(self.logprobs, int)
+                                          or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise LowbitError(f"logprobs: must be an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
 
     @property
     def greedy(self) -> bool:

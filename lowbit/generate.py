@@ -39,12 +39,17 @@ class GenerationStats:
 def encode_prompt(tok, prompt: str, chat: bool = False) -> list[int]:
     """Prompt text -> token ids, through the tokenizer's chat template when `chat`."""
     if chat:
-        if not getattr(tok, "chat_template", None):
-            raise LowbitError("--chat: this model's tokenizer has no chat template")
-        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                       add_generation_prompt=True)
-        return tok(text, add_special_tokens=False).input_ids
+        return encode_chat(tok, [{"role": "user", "content": prompt}])
     return tok(prompt).input_ids
+
+
+def encode_chat(tok, messages: list[dict[str, str]]) -> list[int]:
+    """Chat messages ({"role", "content"}) -> token ids of the model's chat template, ready for the
+    assistant's reply."""
+    if not getattr(tok, "chat_template", None):
+        raise LowbitError("this model's tokenizer has no chat template")
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok(text, add_special_tokens=False).input_ids
 
 
 @torch.inference_mode()

@@ -9,6 +9,7 @@ import lowbit
 # Top to bottom, as the README's diagram lists them; a module may import its own layer and any layer below.
 LAYERS = [
     ["cli", "__init__"],          # the CLI, and the package's facade (lowbit.load, lowbit.LLM, ...: lazy)
+    ["server"],           # the OpenAI-compatible HTTP server on the engine
     ["compare"],
     ["eval"],
     ["engine", "generate"],

@@ -17,6 +17,7 @@ COMMANDS = {
     "quantize": "lowbit.cli.quantize_cmd",
     "compare": "lowbit.cli.compare_cmd",
     "export": "lowbit.cli.export_cmd",
+    "serve": "lowbit.cli.serve_cmd",
 }
 
 

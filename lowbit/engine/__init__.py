@@ -11,7 +11,7 @@ from lowbit.engine.paged_cache import (
 )
 from lowbit.engine.runner import ModelRunner
 from lowbit.engine.scheduler import Batch, ScheduledSeq, Scheduler
-from lowbit.engine.sequence import SeqStatus, Sequence
+from lowbit.engine.sequence import SeqStatus, Sequence, TokenLogprob
 
 __all__ = [
     "LLM",
@@ -29,6 +29,7 @@ __all__ = [
     "Scheduler",
     "SeqStatus",
     "Sequence",
+    "TokenLogprob",
     "block_hash",
     "kv_bytes_per_token",
     "num_blocks_for_memory",

@@ -21,7 +21,7 @@ from lowbit.engine.block_manager import BlockManager
 from lowbit.engine.paged_cache import num_blocks_for_memory
 from lowbit.engine.runner import ModelRunner
 from lowbit.engine.scheduler import Scheduler
-from lowbit.engine.sequence import SeqStatus, Sequence
+from lowbit.engine.sequence import SeqStatus, Sequence, TokenLogprob
 from lowbit.errors import LowbitError
 from lowbit.sampling import sample
 from lowbit.stopping import append_token, eos_ids, final_text, text_decoder
@@ -36,6 +36,7 @@ class CompletionOutput:
     text: str = ""
     finished: bool = False
     finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None   # one per token_ids entry when SamplingParams.logprobs is set
 
 
 @dataclass
@@ -66,9 +67,10 @@ class RequestOutput:
         return None if self.finish_time is None else self.finish_time - self.arrival_time
 
 
-def _auto_num_blocks(model, block_size: int, fraction: float, max_num_seqs: int, kv_quant) -> int:
+def _auto_num_blocks(model, block_size: int, fraction: float, max_num_seqs: int, kv_quant,
+                     max_model_len: int) -> int:
     """Blocks that fit in `fraction` of the free device memory, capped at what max_num_seqs full-context
-    sequences could use."""
+    (max_model_len) sequences could use."""
     cfg, dev = model.config, model.device
     if dev.type == "cuda":
         free, _ = torch.cuda.mem_get_info(dev)
@@ -78,7 +80,7 @@ def _auto_num_blocks(model, block_size: int, fraction: float, max_num_seqs: int,
         except (ValueError, OSError, AttributeError):
             free = 2 ** 30
     n = num_blocks_for_memory(cfg, int(free * fraction), block_size, model.dtype, kv_quant)
-    cap = max_num_seqs * -(-cfg.max_position_embeddings // block_size)
+    cap = max_num_seqs * -(-max_model_len // block_size)
     return min(n, cap)
 
 
@@ -94,6 +96,26 @@ class _LazyArgmax:
         return self.ids[i]
 
 
+def _token_logprobs(logits: torch.Tensor, sampled: list[tuple[Sequence, int, int]]) -> dict[int, TokenLogprob]:
+    """{index into `sampled`: its token's TokenLogprob} for the sequences that asked for logprobs: one
+    log-softmax and one top-k over just those rows, one device->host copy."""
+    want = [j for j, (seq, _, _) in enumerate(sampled) if seq.params.logprobs is not None]
+    if not want:
+        return {}
+    rows = torch.tensor([sampled[j][2] for j in want], device=logits.device)                 # [R]
+    toks = torch.tensor([sampled[j][1] for j in want], device=logits.device)                 # [R]
+    lp = logits.index_select(0, rows).float().log_softmax(-1)                                 # [R, V]
+    k = max(sampled[j][0].params.logprobs for j in want)
+    top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], lp[:, :0].long())               # [R, k]
+    chosen = lp.gather(1, toks[:, None])[:, 0].tolist()                                       # [R]
+    top_v, top_i = top_v.tolist(), top_i.tolist()
+    out = {}
+    for r, j in enumerate(want):
+        n = sampled[j][0].params.logprobs
+        out[j] = TokenLogprob(sampled[j][1], chosen[r], list(zip(top_i[r][:n], top_v[r][:n])))
+    return out
+
+
 class Engine:
     """The serving loop of one model: requests in (`add_request`), one scheduled batch per `step()` (chunked
     prefill and decode over a paged KV cache, continuous batching, preemption), finished outputs out;
@@ -101,12 +123,18 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
                  kv_memory_fraction: float = 0.5, max_num_seqs: int = 64, max_batched_tokens: int = 2048,
-                 kv_quant=None, decode_path: bool | None = None, cuda_graphs: bool | None = None):
+                 kv_quant=None, decode_path: bool | None = None, cuda_graphs: bool | None = None,
+                 max_model_len: int | None = None):
         if not 0 < kv_memory_fraction <= 1:
             raise LowbitError(f"kv_memory_fraction: must be in (0, 1], got {kv_memory_fraction}")
+        ctx = model.config.max_position_embeddings
+        if max_model_len is not None and not 0 < max_model_len <= ctx:
+            raise LowbitError(f"max_model_len: must be in [1, {ctx}] (the model's context), got {max_model_len}")
+        self.max_model_len = ctx if max_model_len is None else max_model_len
         kv_quant = model.kv_quant if kv_quant is None else kv_quant
         if num_blocks is None:
-            num_blocks = _auto_num_blocks(model, block_size, kv_memory_fraction, max_num_seqs, kv_quant)
+            num_blocks = _auto_num_blocks(model, block_size, kv_memory_fraction, max_num_seqs, kv_quant,
+                                          self.max_model_len)
         self.model, self.tokenizer = model, tokenizer
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_batched_tokens)
@@ -138,9 +166,9 @@ class Engine:
             raise LowbitError("add_request: the prompt has no tokens")
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             raise LowbitError(f"add_request: token ids must be in [0, {cfg.vocab_size})")
-        if len(ids) + params.max_tokens > cfg.max_position_embeddings:
+        if len(ids) + params.max_tokens > self.max_model_len:
             raise LowbitError(f"add_request: prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) "
-                              f"exceeds the model's context of {cfg.max_position_embeddings}")
+                              f"exceeds the context of {self.max_model_len}")
         rid = next(self._ids)
         seq = Sequence(rid, ids, params, prompt=text)
         self.scheduler.add(seq)          # raises if the prompt alone needs more blocks than the pool
@@ -178,25 +206,28 @@ class Engine:
                 c.finish_time = now
             seq.children = []
             touched.setdefault(seq.request_id, {})[seq.index] = []
-        sampled: list[tuple[Sequence, int]] = []
+        sampled: list[tuple[Sequence, int, int]] = []    # (sequence, token, its logits row)
         greedy = _LazyArgmax(logits)
         for i, it in enumerate(batch.items):
             if not it.needs_sample:
                 continue
             seq = it.seq
-            sampled.append((seq, self._sample(logits, i, seq, greedy)))
+            sampled.append((seq, self._sample(logits, i, seq, greedy), i))
             if seq.children and not seq.output_ids:   # prompt prefilled: fork the other n - 1 completions
                 for child in seq.children:
                     self.scheduler.fork(seq, child)
-                    sampled.append((child, self._sample(logits, i, child, greedy)))
+                    sampled.append((child, self._sample(logits, i, child, greedy), i))
                 seq.children = []
-        for seq, tok in sampled:
+        logprobs = _token_logprobs(logits, sampled)
+        for j, (seq, tok, _) in enumerate(sampled):
             new = []
             if seq.first_token_time is None:
                 seq.first_token_time = now
             reason = append_token(seq.output_ids, tok, seq.params, self._eos[seq.params.ignore_eos], self._text)
             if reason != "eos":
                 new.append(tok)
+                if j in logprobs:
+                    seq.output_logprobs.append(logprobs[j])
             if reason is not None:
                 self.scheduler.finish(seq, reason)
                 seq.finish_time = now
@@ -226,7 +257,8 @@ class Engine:
         for seq in group:
             text = final_text(self._decode(seq), seq.finish_reason, seq.params)
             comps.append(CompletionOutput(seq.index, list(seq.output_ids), list(news.get(seq.index, [])), text,
-                                          seq.status is SeqStatus.FINISHED, seq.finish_reason))
+                                          seq.status is SeqStatus.FINISHED, seq.finish_reason,
+                                          None if seq.params.logprobs is None else list(seq.output_logprobs)))
         first, c0 = group[0], comps[0]
         firsts = [s.first_token_time for s in group if s.first_token_time is not None]
         done = all(c.finished for c in comps)

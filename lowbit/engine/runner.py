@@ -45,20 +45,22 @@ class ModelRunner:
         for src, dst in batch.copies:                        # copy-on-write before anything is written
             self.kv.copy_block(src, dst)
         items = batch.items
-        if self.decoder is None:
-            return self._gather_logits(items)
-        # One-token items (decodes) go through the decode path, the rest (prefill chunks) through gather +
-        # SDPA: a step that admits one new request then costs one small extra forward, not a slow step.
-        one = [i for i, it in enumerate(items) if it.q_len == 1][:self.decoder.max_batch]
+        # One-token items (decodes) run apart from the rest (prefill chunks): on the GPU through the decode
+        # path (paged kernel, CUDA graphs), elsewhere as their own gather step, so decodes are not padded to
+        # the prefill chunk's length; a step that admits a new request costs one small extra forward.
+        decode = self._gather_logits if self.decoder is None else self.decoder.logits
+        one = [i for i, it in enumerate(items) if it.q_len == 1]
+        if self.decoder is not None:
+            one = one[:self.decoder.max_batch]
         if len(one) == len(items):
-            return self.decoder.logits(items)
+            return decode(items)
         rest = sorted(set(range(len(items))) - set(one))
         part = self._gather_logits([items[i] for i in rest])                    # [len(rest), V]
         if not one:
             return part
         out = part.new_empty(len(items), part.shape[1])
         out[rest] = part
-        out[one] = self.decoder.logits([items[i] for i in one])
+        out[one] = decode([items[i] for i in one])
         return out
 
     def _gather_logits(self, items) -> torch.Tensor:

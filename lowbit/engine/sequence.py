@@ -5,6 +5,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -20,6 +21,14 @@ class SeqStatus(enum.Enum):
 _arrival_counter = itertools.count()
 
 
+class TokenLogprob(NamedTuple):
+    """A generated token's log-probability under the model (before temperature / top-k / top-p) and the
+    `SamplingParams.logprobs` most likely tokens at that position, best first."""
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
 @dataclass(eq=False)
 class Sequence:
     """A request. `token_ids` = prompt + output; `num_computed` of them have their KV in the paged cache.
@@ -33,6 +42,7 @@ class Sequence:
     params: SamplingParams
     prompt: str | None = None
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list[TokenLogprob] = field(default_factory=list)   # one per output id (params.logprobs)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None     # "eos" | "stop" | "length" | "abort"
     num_computed: int = 0

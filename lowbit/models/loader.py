@@ -237,3 +237,14 @@ def load_config(path: str | Path | None = None) -> ModelConfig:
         if path.suffix == ".json":
             return hf_loader.config_json(path)
         return gguf_loader.gguf_config(gguf_loader.open_gguf(path), path)
+
+
+def load_tokenizer(path: str | Path | None = None):
+    """Only the tokenizer of a model (HF directory or GGUF file), building no weights."""
+    path = default_model_path() if path is None else Path(path)
+    if not path.exists():
+        raise LowbitError(f"{path}: no such file or directory")
+    with about_file(path, "cannot read the tokenizer"):
+        if path.is_dir():
+            return hf_loader.hf_tokenizer(path)
+        return gguf_loader.gguf_tokenizer(gguf_loader.open_gguf(path), path)
