@@ -20,6 +20,9 @@ import logging
 import signal
 from dataclasses import asdict, dataclass
 
+from lowbit.config import SamplingParams
+from lowbit.errors import LowbitError, first_line
+
 log = logging.getLogger("lowbit.server")
 
 _PARAM_FIELDS = ("temperature", "top_k", "top_p", "max_tokens", "stop", "seed", "ignore_eos", "n", "logprobs")
@@ -85,7 +88,8 @@ class _Core:
         self.engine, self.conn, self.check = engine, conn, check_invariants
         self.cid: dict[int, int] = {}            # engine request id -> client id
         self.rid: dict[int, int] = {}            # client id -> engine request id
-        self.sent: dict[tuple[int, int], tuple[int, str, int]] = {}   # (rid, index) -> (tokens, text, logprobs)
+        # what each completion has sent so far: rid -> {index: (tokens, text, logprobs)}
+        self.sent: dict[int, dict[int, tuple[int, str, int]]] = {}
         self.checks = self.failures = 0
 
     def send(self, obj) -> None:
@@ -98,8 +102,6 @@ class _Core:
 
     def handle(self, msg: dict) -> bool:
         """Apply one message; False on stop."""
-        from lowbit.config import SamplingParams
-        from lowbit.errors import LowbitError
         op = msg["op"]
         if op == "stop":
             return False
@@ -119,10 +121,8 @@ class _Core:
         return True
 
     def _forget(self, rid: int) -> None:
-        cid = self.cid.pop(rid, None)
-        self.rid.pop(cid, None)
-        for k in [k for k in self.sent if k[0] == rid]:
-            del self.sent[k]
+        self.rid.pop(self.cid.pop(rid, None), None)
+        self.sent.pop(rid, None)
 
     def outputs(self, outs) -> list:
         res = []
@@ -130,15 +130,14 @@ class _Core:
             cid = self.cid.get(out.request_id)
             if cid is None:
                 continue
-            comps = []
+            comps, sent = [], self.sent.setdefault(out.request_id, {})
             for c in out.outputs:
-                key = (out.request_id, c.index)
-                n_tok, text, n_lp = self.sent.get(key, (0, "", 0))
+                n_tok, text, n_lp = sent.get(c.index, (0, "", 0))
                 reset = not c.text.startswith(text)
                 delta = c.text if reset else c.text[len(text):]
                 lps = [[e.token_id, e.logprob, e.top] for e in (c.logprobs or [])[n_lp:]]
                 comps.append([c.index, c.token_ids[n_tok:], delta, reset, c.finished, c.finish_reason, lps])
-                self.sent[key] = (len(c.token_ids), c.text, n_lp + len(lps))
+                sent[c.index] = (len(c.token_ids), c.text, n_lp + len(lps))
             res.append([cid, out.finished, comps])
             if out.finished:
                 self._forget(out.request_id)
@@ -194,10 +193,10 @@ def engine_main(spec_json: str, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="engine: %(levelname)s %(message)s")
+    spec = EngineSpec(**json.loads(spec_json))
     try:
-        engine, info = _build(EngineSpec(**json.loads(spec_json)))
+        engine, info = _build(spec)
     except Exception as e:
-        from lowbit.errors import LowbitError, first_line
         msg = str(e) if isinstance(e, LowbitError) else f"{type(e).__name__}: {first_line(e)}"
         conn.send_bytes(json.dumps({"op": "error", "error": msg}).encode())
         return
@@ -205,7 +204,7 @@ def engine_main(spec_json: str, conn) -> None:
     # walk them every few steps as each step allocates its outputs
     gc.collect()
     gc.freeze()
-    core = _Core(engine, conn, EngineSpec(**json.loads(spec_json)).check_invariants)
+    core = _Core(engine, conn, spec.check_invariants)
     core.send({"op": "ready", "info": info})
     try:
         core.run()
