@@ -68,18 +68,20 @@ class RequestOutput:
 
 
 def _auto_num_blocks(model, block_size: int, fraction: float, max_num_seqs: int, kv_quant,
-                     max_model_len: int) -> int:
-    """Blocks that fit in `fraction` of the free device memory, capped at what max_num_seqs full-context
-    (max_model_len) sequences could use."""
+                     max_model_len: int, kv_memory_bytes: int | None = None) -> int:
+    """Blocks that fit in `kv_memory_bytes`, or else in `fraction` of the free device memory, capped at what
+    max_num_seqs full-context (max_model_len) sequences could use."""
     cfg, dev = model.config, model.device
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-    else:
-        try:
-            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError, AttributeError):
-            free = 2 ** 30
-    n = num_blocks_for_memory(cfg, int(free * fraction), block_size, model.dtype, kv_quant)
+    if kv_memory_bytes is None:
+        if dev.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(dev)
+        else:
+            try:
+                free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            except (ValueError, OSError, AttributeError):
+                free = 2 ** 30
+        kv_memory_bytes = int(free * fraction)
+    n = num_blocks_for_memory(cfg, kv_memory_bytes, block_size, model.dtype, kv_quant)
     cap = max_num_seqs * -(-max_model_len // block_size)
     return min(n, cap)
 
@@ -124,7 +126,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, num_blocks: int | None = None, block_size: int = 16,
                  kv_memory_fraction: float = 0.5, max_num_seqs: int = 64, max_batched_tokens: int = 2048,
                  kv_quant=None, decode_path: bool | None = None, cuda_graphs: bool | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, kv_memory_bytes: int | None = None):
         if not 0 < kv_memory_fraction <= 1:
             raise LowbitError(f"kv_memory_fraction: must be in (0, 1], got {kv_memory_fraction}")
         ctx = model.config.max_position_embeddings
@@ -134,7 +136,7 @@ class Engine:
         kv_quant = model.kv_quant if kv_quant is None else kv_quant
         if num_blocks is None:
             num_blocks = _auto_num_blocks(model, block_size, kv_memory_fraction, max_num_seqs, kv_quant,
-                                          self.max_model_len)
+                                          self.max_model_len, kv_memory_bytes)
         self.model, self.tokenizer = model, tokenizer
         self.block_manager = BlockManager(num_blocks, block_size)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs, max_batched_tokens)

@@ -67,15 +67,10 @@ def _build(spec: EngineSpec):
         from lowbit.models.loader import load
         model, tok = load(spec.model, dtype=spec.dtype, device=spec.device, kv_cache=spec.kv_cache,
                           strict=spec.strict)
-    num_blocks = spec.num_blocks
-    if num_blocks is None and spec.kv_cache_memory_gb is not None:
-        from lowbit.engine.paged_cache import num_blocks_for_memory
-        ctx = spec.max_model_len or model.config.max_position_embeddings
-        num_blocks = min(num_blocks_for_memory(model.config, int(spec.kv_cache_memory_gb * 2**30), 16, model.dtype,
-                                               model.kv_quant), spec.max_num_seqs * -(-ctx // 16))
-    engine = Engine(model, tok, num_blocks=num_blocks, max_num_seqs=spec.max_num_seqs,
-                    max_batched_tokens=spec.max_batched_tokens, kv_memory_fraction=spec.kv_memory_fraction,
-                    max_model_len=spec.max_model_len)
+    kv_bytes = None if spec.kv_cache_memory_gb is None else int(spec.kv_cache_memory_gb * 2**30)
+    engine = Engine(model, tok, num_blocks=spec.num_blocks, kv_memory_bytes=kv_bytes,
+                    kv_memory_fraction=spec.kv_memory_fraction, max_num_seqs=spec.max_num_seqs,
+                    max_batched_tokens=spec.max_batched_tokens, max_model_len=spec.max_model_len)
     bm = engine.block_manager
     info = {"name": model.config.name, "source": getattr(model, "source", ""), "device": str(model.device),
             "dtype": str(model.dtype).replace("torch.", ""), "max_model_len": engine.max_model_len,
