@@ -46,6 +46,7 @@ class PackedWeight:
     padded_in: int               # Kp = G * group
     group: int                   # columns per group (K for per-channel)
     bits: int
+    marlin: object = None        # w4a16.MarlinWeight: the CUDA kernel's layout for M <= 64, where it runs
 
     @property
     def out_features(self) -> int:
@@ -53,6 +54,9 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
+        """Bytes a forward reads: the layout the kernel for small M takes (both layouts are kept)."""
+        if self.marlin is not None:
+            return self.marlin.nbytes
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scale, self.offset))
 
 
@@ -94,17 +98,27 @@ def repack(layer) -> PackedWeight | None:
     shifts = (torch.arange(per, device=codes.device) * spec.bits).reshape(1, per, 1)
     words = (words << shifts).sum(1)                                        # [Kp/per, N], disjoint bits
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-    return PackedWeight(words.contiguous(), s.t().contiguous().half(), off.t().contiguous().half(),
-                        perm, K, Kp, group, spec.bits)
+    pw = PackedWeight(words.contiguous(), s.t().contiguous().half(), off.t().contiguous().half(),
+                      perm, K, Kp, group, spec.bits)
+    if codes.is_cuda:
+        from lowbit.kernels import w4a16
+        if w4a16.eligible(pw) and w4a16.available(codes.device):
+            pw.marlin = w4a16.marlin_repack(pw)
+    return pw
+
+
+def unpack_codes(pw: PackedWeight) -> torch.Tensor:
+    """The unsigned codes [Kp, N] (int64, kernel column order, padded rows included)."""
+    per = 32 // pw.bits
+    w = pw.qweight.long() & 0xFFFFFFFF                                      # [Kp/per, N]
+    shifts = (torch.arange(per, device=w.device) * pw.bits).reshape(1, per, 1)
+    return ((w[:, None, :] >> shifts) & ((1 << pw.bits) - 1)).reshape(pw.padded_in, -1)  # [Kp, N]
 
 
 def dequantize_packed(pw: PackedWeight, dtype=torch.float32) -> torch.Tensor:
     """Reference unpacking of the kernel layout -> weight [N, K] in the ORIGINAL column order (tests)."""
-    per = 32 // pw.bits
-    w = pw.qweight.long() & 0xFFFFFFFF                                      # [Kp/per, N]
-    shifts = (torch.arange(per, device=w.device) * pw.bits).reshape(1, per, 1)
-    codes = ((w[:, None, :] >> shifts) & ((1 << pw.bits) - 1)).reshape(pw.padded_in, -1)  # [Kp, N]
-    g = torch.arange(pw.padded_in, device=w.device) // pw.group            # [Kp]
+    codes = unpack_codes(pw)                                                # [Kp, N]
+    g = torch.arange(pw.padded_in, device=codes.device) // pw.group        # [Kp]
     real = codes.float() * pw.scale.float()[g] + pw.offset.float()[g]       # [Kp, N]
     real = real[:pw.in_features].t()                                        # [N, K] kernel order
     if pw.perm is not None:
@@ -124,9 +138,9 @@ def _locks(device) -> torch.Tensor:
 
 if HAS_TRITON:
     @triton.jit
-    def _dequant_tile(w_ptr, s_ptr, o_ptr, k0, offs_n, n_mask, N, GROUP,
-                      BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr):
-        """Rows k0 .. k0+BLOCK_K of the weight (one group) -> fp32 tile [BLOCK_K, BLOCK_N].
+    def _codes_tile(w_ptr, k0, offs_n, n_mask, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr):
+        """Unsigned codes of rows k0 .. k0+BLOCK_K of the weight -> int32 tile [BLOCK_K, BLOCK_N].
 
         UNPACK_3D: load each word once and split it in registers ([BK/PER, PER, BN] -> [BK, BN]);
         otherwise every row loads its own word (PER rows share it through L1) and shifts. Which is
@@ -143,6 +157,13 @@ if HAS_TRITON:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
             codes = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)  # [BK, BN]
+        return codes
+
+    @triton.jit
+    def _dequant_tile(w_ptr, s_ptr, o_ptr, k0, offs_n, n_mask, N, GROUP,
+                      BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr):
+        """Rows k0 .. k0+BLOCK_K of the weight (one group) -> fp32 tile [BLOCK_K, BLOCK_N]."""
+        codes = _codes_tile(w_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, BLOCK_N, UNPACK_3D)
         g = k0 // GROUP
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         o = tl.load(o_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
@@ -284,41 +305,68 @@ def dequantize_weight(pw: PackedWeight, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+def choose_path(M: int, pw: PackedWeight, config: dict | None) -> str:
+    """Which kernel: config["path"], else (old-style configs) "gemv" / "dot" by config["GEMV"], else the
+    fastest measured on the H200 (benchmarks/results/gemm_h200.md, six Llama-3 8B/70B shapes; decode_h200
+    for SmolLM2's small layers, where the CUDA kernel's fixed cost loses): the CUDA kernel at M = 1 on
+    layers of >= 2^22 weights, up to M = 16 (32) on layers of >= 2^25 (2^27); dequantize + cuBLAS above
+    LARGE_M and, above M = 64, on layers narrower than 14336 outputs; the Triton kernels between."""
+    if config:
+        if "path" in config:
+            return config["path"]
+        return "gemv" if M == 1 and config.get("GEMV", True) else "dot"
+    size = pw.out_features * pw.in_features
+    marlin = (M == 1 and size >= 1 << 22) or (M <= 16 and size >= 1 << 25) or (M <= 32 and size >= 1 << 27)
+    if pw.marlin is not None and marlin:
+        return "marlin"
+    if M > LARGE_M or (M > 64 and pw.out_features < 14336):
+        return "dequant"
+    return "gemv" if M == 1 else "dot"
+
+
 def wq_linear(x: torch.Tensor, pw: PackedWeight, bias: torch.Tensor | None = None,
               config: dict | None = None) -> torch.Tensor:
     """y = x @ W.T (+ bias) for x [..., K] (fp16/bf16) with W in the kernel layout; y in x's dtype.
-    config: {"BLOCK_N", "SPLIT", "UNPACK_3D"} instead of plan()'s, or {"GEMV": True, "BLOCK_N", "SPLIT",
-    "num_warps"} for M = 1 ({"GEMV": False, ...}: the tl.dot kernel at M = 1) (tests, sweeps)."""
+    config (tests, sweeps) picks the kernel and its tiles instead of choose_path and the plans:
+    {"path": "marlin", "split"}, {"path": "dequant"}, {"path": "dot" (or "GEMV": False), "BLOCK_N",
+    "SPLIT", "UNPACK_3D", ["BLOCK_M", "num_warps", "num_stages"]},
+    {"path": "gemv" (or "GEMV": True), "BLOCK_N", "SPLIT", "num_warps"} (M = 1)."""
     lead, K, N = x.shape[:-1], pw.in_features, pw.out_features
     x2 = x.reshape(-1, K)                                                   # [M, K]
     if pw.perm is not None:
         x2 = x2[:, pw.perm]                                                 # kernel column order
     x2 = x2.contiguous()      # [M, K]: the kernels mask the padded columns K..Kp instead of padding x
     M = x2.shape[0]
-    if M > LARGE_M:
+    path = choose_path(M, pw, config)
+    cfg = {k: v for k, v in (config or {}).items() if k not in ("path", "GEMV")}
+    if path == "marlin":
+        from lowbit.kernels.w4a16 import w4a16_linear
+        y = w4a16_linear(x2, pw.marlin, cfg.get("split"))
+    elif path == "dequant":
         y = x2 @ dequantize_weight(pw, x.dtype)[:K]                        # [M, N] cuBLAS
-    elif M == 1 and (config or {}).get("GEMV", True):
+    elif path == "gemv":
         bk = _block_k(pw.group)
-        config = config or plan_gemv(N, pw.padded_in, bk)
-        grid = (triton.cdiv(N, config["BLOCK_N"]), config["SPLIT"])
+        cfg = cfg or plan_gemv(N, pw.padded_in, bk)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT"])
         y = torch.empty((1, N), device=x.device, dtype=x.dtype)
-        ws = torch.empty(grid[0] * config["BLOCK_N"] * config["SPLIT"] if config["SPLIT"] > 1 else 1,
+        ws = torch.empty(grid[0] * cfg["BLOCK_N"] * cfg["SPLIT"] if cfg["SPLIT"] > 1 else 1,
                          device=x.device, dtype=torch.float32)
         _wq_gemv_kernel[grid](x2, pw.qweight, pw.scale, pw.offset, y, ws, _locks(x.device), N, K, pw.padded_in,
-                              pw.group, BITS=pw.bits, BLOCK_K=bk, BLOCK_N=config["BLOCK_N"], SPLIT=config["SPLIT"],
-                              num_warps=config.get("num_warps", 4))
+                              pw.group, BITS=pw.bits, BLOCK_K=bk, BLOCK_N=cfg["BLOCK_N"], SPLIT=cfg["SPLIT"],
+                              num_warps=cfg.get("num_warps", 4))
     else:
         bk = _block_k(pw.group)
-        bm = 16 if M <= 16 else 32 if M <= 32 else 64
-        config = config or plan(M, N, pw.padded_in, bk)
-        grid = (triton.cdiv(N, config["BLOCK_N"]), config["SPLIT"], triton.cdiv(M, bm))
+        cfg = cfg or plan(M, N, pw.padded_in, bk)
+        bm = cfg.pop("BLOCK_M", 16 if M <= 16 else 32 if M <= 32 else 64)
+        warps, stages = cfg.pop("num_warps", 4), cfg.pop("num_stages", 3)
+        grid = (triton.cdiv(N, cfg["BLOCK_N"]), cfg["SPLIT"], triton.cdiv(M, bm))
         y = torch.empty((M, N), device=x.device, dtype=x.dtype)
         # Split-K partials, fp32: one [bm, BLOCK_N] tile per (m-tile, n-tile, split); none without a split.
-        ws = torch.empty(grid[0] * grid[2] * bm * config["BLOCK_N"] * config["SPLIT"] if config["SPLIT"] > 1 else 1,
+        ws = torch.empty(grid[0] * grid[2] * bm * cfg["BLOCK_N"] * cfg["SPLIT"] if cfg["SPLIT"] > 1 else 1,
                          device=x.device, dtype=torch.float32)
         _wq_gemm_kernel[grid](x2, pw.qweight, pw.scale, pw.offset, y, ws, _locks(x.device), M, N, K, pw.padded_in,
-                              pw.group, x2.stride(0), BITS=pw.bits, BLOCK_M=bm, BLOCK_K=bk, num_warps=4, num_stages=3,
-                              **{k: v for k, v in config.items() if k != "GEMV"})
+                              pw.group, x2.stride(0), BITS=pw.bits, BLOCK_M=bm, BLOCK_K=bk,
+                              num_warps=warps, num_stages=stages, **cfg)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y.reshape(*lead, N)
