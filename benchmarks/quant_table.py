@@ -57,6 +57,23 @@ SETS: dict[str, dict[str, tuple[str, dict]]] = {
         "kv-int8": ("noop", dict(), "int8"),
         "kv-fp8": ("noop", dict(), "fp8"),
     },
+    "sparsity": {  # [5/6]: pruning to 2:4 and to 50% unstructured, and SparseGPT joint with 4-bit weights
+        "magnitude-2:4": ("magnitude", dict(sparsity="2:4")),
+        "wanda-2:4": ("wanda", dict(sparsity="2:4")),
+        "sparsegpt-2:4": ("sparsegpt", dict(sparsity="2:4")),
+        "sparsegpt-2:4-w4-g128": ("sparsegpt", dict(sparsity="2:4", bits=4, group_size=128)),
+        "magnitude-0.5": ("magnitude", dict(sparsity="0.5")),
+        "wanda-0.5": ("wanda", dict(sparsity="0.5")),
+        "sparsegpt-0.5": ("sparsegpt", dict(sparsity="0.5")),
+    },
+    "mixed": {  # [5/6]: per-layer bits to a 3.5 bits-per-weight budget (scales counted) against uniform grids
+        "rtn-w3-g128": ("rtn", dict(bits=3, group_size=128)),
+        "rtn-mixed-3.5": ("rtn", dict(bits=4, group_size=128, bits_budget=3.5)),
+        "rtn-w4-g128": ("rtn", dict(bits=4, group_size=128)),
+        "gptq-w3-g128": ("gptq", dict(bits=3, group_size=128)),
+        "gptq-mixed-3.5": ("gptq", dict(bits=4, group_size=128, bits_budget=3.5)),
+        "gptq-w4-g128": ("gptq", dict(bits=4, group_size=128)),
+    },
     "int8-threshold": {  # why LLM.int8() costs what it does here: its outlier threshold swept (few windows)
         "w8-ch-weights-only": ("rtn", dict(bits=8, group_size=-1, sym=True)),
         "vector-wise-int8 (threshold 0)": ("llm-int8", dict(threshold=0.0)),

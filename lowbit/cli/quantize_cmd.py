@@ -69,6 +69,8 @@ def run(args) -> int:
     opts = {k: getattr(args, k) for k in method_flags() if getattr(args, k, None) is not None}
     method = get_method(method_name, **opts)
     check_method(args.format, method_name)
+    if getattr(method.cfg, "bits_budget", 0) and args.format != "lowbit":
+        raise LowbitError(f"--bits-budget: --format {args.format} holds one bit width for every layer; use --format lowbit")
     if Path(args.out).exists() and not args.force:
         raise LowbitError(f"-o {args.out}: already exists (pass --force to replace it)")
     model, tok = load(args.model, dtype=args.dtype, device=args.device, strict=args.strict)

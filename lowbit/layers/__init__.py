@@ -5,6 +5,7 @@
   FP8Linear         W8A8 fp8 e4m3: torch._scaled_mm on CUDA sm >= 8.9, an fp32 emulation elsewhere.
   MixedInt8Linear   LLM.int8(): int8 with outlier input features multiplied in float.
   FakeQuantLinear   quantize-dequantize simulation: the reference the real layers are tested against.
+  SparseLinear      pruned weights: N:M in the compressed layout (values + positions), or dense with zeros.
 
 Every class: Cls(in_features, out_features, <options>, bias=True, dtype=..., device=None) allocates empty
 buffers (device="meta" works; then load_state_dict(sd, assign=True)); layer_config() gives JSON-able
@@ -21,11 +22,12 @@ from lowbit.layers.fake import FakeQuantLinear
 from lowbit.layers.fp8 import FP8Linear
 from lowbit.layers.int8 import Int8Linear
 from lowbit.layers.mixed_int8 import MixedInt8Linear, outlier_columns
+from lowbit.layers.sparse import SparseLinear
 from lowbit.layers.weight_only import WeightOnlyLinear
 
 # kind (as written in a checkpoint's quantization config) -> class
 LAYER_CLASSES: dict[str, type[_QuantLinear]] = {
-    c.kind: c for c in (WeightOnlyLinear, Int8Linear, FP8Linear, FakeQuantLinear, MixedInt8Linear)
+    c.kind: c for c in (WeightOnlyLinear, Int8Linear, FP8Linear, FakeQuantLinear, MixedInt8Linear, SparseLinear)
 }
 
 
@@ -56,4 +58,4 @@ def swap_linear(module: nn.Module, name: str, new: nn.Module) -> nn.Module:
 
 
 __all__ = ["LAYER_CLASSES", "INT8_SYM", "FakeQuantLinear", "FP8Linear", "Int8Linear", "MixedInt8Linear",
-           "WeightOnlyLinear", "build_layer", "outlier_columns", "swap_linear"]
+           "SparseLinear", "WeightOnlyLinear", "build_layer", "outlier_columns", "swap_linear"]

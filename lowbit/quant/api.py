@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from lowbit.errors import LowbitError
 from lowbit.quant.registry import Method, get_method
 from lowbit.quant.walk import QuantReport, quantize_model
 
@@ -86,5 +87,11 @@ def quantize(model, method: str | Method, calib: Calibration | None = None, devi
              progress: bool = True, **options) -> QuantResult:
     """Quantize `model` in place with a registered method (name + options, or a Method instance)."""
     m = get_method(method, **options) if isinstance(method, str) else method
+    budget = getattr(m.cfg, "bits_budget", 0)
+    if budget:  # mixed precision: plan every layer's bits on the float model first (lowbit.quant.mixed)
+        if calib is None:
+            raise LowbitError("--bits-budget needs calibration data (the layers' input statistics): pass --calib FILE")
+        from lowbit.quant.mixed import plan_bits
+        m.layer_bits, _ = plan_bits(model, m.spec, calib.windows, budget, device, progress)
     report = quantize_model(model, m, calib.windows if calib is not None else None, device, progress)
     return QuantResult(report, m, calib)

@@ -146,5 +146,5 @@ def test_quantize_on_the_default_model(tmp_path, capsys):
     assert main(["quantize", "--method", "rtn", "--bits", "8", "--group-size", "64", "--no-sym", "-o", str(out)]) == 0
     method = json.loads((out / "quantization_config.json").read_text())["method"]
     assert method == {"method": "rtn", "bits": 8, "group_size": 64, "sym": False, "zero_point": "int",
-                      "observer": "minmax"}
+                      "bits_budget": 0.0, "observer": "minmax"}
     assert "saved" in capsys.readouterr().out

@@ -77,3 +77,15 @@ def test_strict_refuses_nan_weights_else_one_line_warning(nan_dir, tmp_path, cap
     assert lines[0] == (f"warning: {nan_dir / 'model.safetensors'}: NaN or Inf in 1 tensor: "
                         f"model.layers.0.mlp.up_proj.weight")
     assert lines[1].startswith("error: ") and "no tokenizer files" in lines[1] and len(lines) == 2
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--method", "magnitude", "--sparsity", "3:2"], "--sparsity"),
+    (["--method", "rtn", "--bits-budget", "3.5", "--format", "gptq"], "--bits-budget"),
+    (["--method", "wanda", "--bits", "4"], "does not apply"),
+])
+def test_sparsity_and_budget_flags_refuse_in_one_line(tmp_path, capsys, argv, needle):
+    assert main(["quantize", *argv, "-o", str(tmp_path / "out")]) == 2
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and needle in lines[0]
+    assert not (tmp_path / "out").exists()
