@@ -6,8 +6,9 @@ GPU in hand the first time it is needed and cached under ~/.cache/lowbit (LOWBIT
 no nvcc, no GPU of compute capability >= 8.0, or the build fails, `available()` is False and the Triton
 kernel (wq_gemm.py) runs instead. `marlin_dequantize` is the layout's PyTorch reference twin (tests).
 
-Layout, for codes W[N, Kp] (Kp padded to a multiple of 64 with zero codes; x is padded with zeros):
-  qweight int32 [N/16, Kp/64, 32, 4] (Kp a multiple of 128): row block rb (16 features), chunk c (64 k), lane l = 4 g + t, MMA
+Layout, for codes W[N, Kp] (Kp padded to a multiple of 128, the kernel's stage, with zero codes; x is
+padded with zeros):
+  qweight int32 [N/16, Kp/64, 32, 4]: row block rb (16 features), chunk c (64 k), lane l = 4 g + t, MMA
       step st: the word's nibble h + (0, 4, 2, 6)[e] holds W[16 rb + 8 h + g, 64 c + 16 t + 4 st + e];
   scale_offset fp16 [N/16, G, 16, 2]: (scale, offset) of feature 16 rb + r in group G.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import os
 import shutil
@@ -29,6 +31,11 @@ import torch.nn.functional as F
 ROWS_B = 256                 # as in csrc/w4a16.cu: output features per block (8 warps of 32)
 _SRC = Path(__file__).parent / "csrc" / "w4a16.cu"
 _NIBBLE = (0, 4, 2, 6)       # nibble of element e (of a step's 4 k) in the low row half h = 0
+
+
+def _nibble_shifts(device) -> torch.Tensor:
+    """Bit offset of code (h, e) in its word: 4 (h + _NIBBLE[e]), [2, 4]."""
+    return 4 * (torch.arange(2, device=device)[:, None] + torch.tensor(_NIBBLE, device=device)[None, :])
 
 
 @dataclasses.dataclass
@@ -65,9 +72,7 @@ def marlin_repack(pw) -> MarlinWeight:
     Kc = Kp64 // 64
     c = codes.reshape(N // 16, 2, 8, Kc, 4, 4, 4)                         # [rb, h, g, c, t, st, e]
     c = c.permute(0, 3, 2, 4, 5, 1, 6)                                    # [rb, c, g, t, st, h, e]
-    nib = torch.tensor(_NIBBLE, device=c.device)
-    shifts = 4 * (torch.arange(2, device=c.device)[:, None] + nib[None, :])  # [h, e]
-    words = (c << shifts).sum((-1, -2))                                   # [rb, c, g, t, st], disjoint bits
+    words = (c << _nibble_shifts(c.device)).sum((-1, -2))                 # [rb, c, g, t, st], disjoint bits
     words = torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
     qweight = words.reshape(N // 16, Kc, 32, 4).contiguous()
     G = pw.scale.shape[0]
@@ -86,9 +91,7 @@ def marlin_dequantize(mw: MarlinWeight, dtype=torch.float32) -> torch.Tensor:
     w = mw.qweight.long() & 0xFFFFFFFF                                    # [rb, c, 32, 4]
     nb, Kc = w.shape[:2]
     w = w.reshape(nb, Kc, 8, 4, 4)                                        # [rb, c, g, t, st]
-    nib = torch.tensor(_NIBBLE, device=w.device)
-    shifts = 4 * (torch.arange(2, device=w.device)[:, None] + nib[None, :])  # [h, e]
-    codes = (w[..., None, None] >> shifts) & 0xF                          # [rb, c, g, t, st, h, e]
+    codes = (w[..., None, None] >> _nibble_shifts(w.device)) & 0xF      # [rb, c, g, t, st, h, e]
     codes = codes.permute(0, 5, 2, 1, 3, 4, 6).reshape(nb * 16, Kc * 64)  # [N, Kp64]
     so = mw.scale_offset.float()                                          # [rb, G, 16, 2]
     s = so[..., 0].permute(0, 2, 1).reshape(nb * 16, -1)                  # [N, G]
@@ -155,11 +158,16 @@ def available(device=None) -> bool:
     return _LIB[arch] is not None
 
 
+@functools.lru_cache(maxsize=None)
+def _sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 def plan_split(M: int, N: int, Kc: int) -> int:
     """K split across blocks, fitted to the H200 sweep (benchmarks/wq_sweep.py, six Llama-3 8B/70B shapes,
     splits 1-16): the largest power of two that keeps the blocks within ~2 per SM (M <= 16; ~1.2 per SM
     for M <= 32, whose kernel fits one block per SM), each block keeping >= 2 stages of 128 k."""
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = _sms(torch.cuda.current_device())
     limit = 2 * sms if M <= 16 else 1.2 * sms
     groups, split = -(-N // ROWS_B), 1
     while split < 16 and groups * split * 2 <= limit and Kc // 2 // (split * 2) >= 2:

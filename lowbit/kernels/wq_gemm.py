@@ -46,7 +46,7 @@ class PackedWeight:
     padded_in: int               # Kp = G * group
     group: int                   # columns per group (K for per-channel)
     bits: int
-    marlin: object = None        # w4a16.MarlinWeight: the CUDA kernel's layout for M <= 64, where it runs
+    marlin: object = None        # w4a16.MarlinWeight: the CUDA kernel's layout, where choose_path runs it
 
     @property
     def out_features(self) -> int:
@@ -138,9 +138,9 @@ def _locks(device) -> torch.Tensor:
 
 if HAS_TRITON:
     @triton.jit
-    def _codes_tile(w_ptr, k0, offs_n, n_mask, N, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr):
-        """Unsigned codes of rows k0 .. k0+BLOCK_K of the weight -> int32 tile [BLOCK_K, BLOCK_N].
+    def _dequant_tile(w_ptr, s_ptr, o_ptr, k0, offs_n, n_mask, N, GROUP,
+                      BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr):
+        """Rows k0 .. k0+BLOCK_K of the weight (one group) -> fp32 tile [BLOCK_K, BLOCK_N].
 
         UNPACK_3D: load each word once and split it in registers ([BK/PER, PER, BN] -> [BK, BN]);
         otherwise every row loads its own word (PER rows share it through L1) and shifts. Which is
@@ -157,13 +157,6 @@ if HAS_TRITON:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             words = tl.load(w_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=n_mask[None, :], other=0)
             codes = (words >> ((offs_k % PER) * BITS)[:, None]) & ((1 << BITS) - 1)  # [BK, BN]
-        return codes
-
-    @triton.jit
-    def _dequant_tile(w_ptr, s_ptr, o_ptr, k0, offs_n, n_mask, N, GROUP,
-                      BITS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, UNPACK_3D: tl.constexpr):
-        """Rows k0 .. k0+BLOCK_K of the weight (one group) -> fp32 tile [BLOCK_K, BLOCK_N]."""
-        codes = _codes_tile(w_ptr, k0, offs_n, n_mask, N, BITS, BLOCK_K, BLOCK_N, UNPACK_3D)
         g = k0 // GROUP
         s = tl.load(s_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         o = tl.load(o_ptr + g * N + offs_n, mask=n_mask, other=0.0).to(tl.float32)

@@ -192,9 +192,7 @@ def sparsegpt_prune(W: torch.Tensor, H: torch.Tensor, pattern: Pattern, blocksiz
             q = w * keep[:, j:j + 1]
             if spec is not None:
                 g = 0 if gs == -1 else j // gs
-                c = quantize(q, scale[:, g:g + 1], zero[:, g:g + 1], spec)
-                c = torch.where(keep[:, j:j + 1], c, quantize(torch.zeros_like(q), scale[:, g:g + 1],
-                                                               zero[:, g:g + 1], spec))
+                c = quantize(q, scale[:, g:g + 1], zero[:, g:g + 1], spec)  # a pruned 0 -> the zero code
                 codes[:, j] = c[:, 0]
                 q = dequantize(c, scale[:, g:g + 1], zero[:, g:g + 1], spec)
             e = (w - q) / U1[i, i]                                        # [out, 1]

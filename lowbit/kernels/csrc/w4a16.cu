@@ -11,10 +11,10 @@
 //    the offset and the bias of 128 are applied once per group in fp32:
 //        sum_k x (c s + o) = s * sum_k x (128 + c) + (o - 128 s) * sum_k x,
 //    with sum_k x from one extra MMA against a fragment of ones;
-//  * a block of 8 warps owns 256 output features (32 per warp) and walks its K range in 64-k chunks
-//    through an S-stage cp.async pipeline in shared memory: per stage the warps' codes (8 KB), the
-//    chunk of x (shared by all warps, rows padded to 144 bytes so fragment reads hit distinct banks)
-//    and the group scales. The bytes in flight are S - 1 stages per block, not registers;
+//  * a block of 8 warps owns 256 output features (32 per warp) and walks its K range in stages of two
+//    64-k chunks through an S-stage cp.async pipeline in shared memory: per stage the warps' codes
+//    (16 KB), the x chunks (shared by all warps, rows padded to 272 bytes so fragment reads hit
+//    distinct banks) and the group scales. The bytes in flight are S - 1 stages per block, not registers;
 //  * when N alone gives too few blocks, K is split across blocks; the partials go through a workspace
 //    and the last block to arrive adds them in a fixed order, so results do not depend on timing.
 #include <cuda_bf16.h>
