@@ -11,6 +11,8 @@ LAYERS = [
     ["cli", "__init__"],          # the CLI, and the package's facade (lowbit.load, lowbit.LLM, ...: lazy)
     ["server"],           # the OpenAI-compatible HTTP server on the engine
     ["compare"],
+    ["export"],           # GGUF (llama.cpp) and ONNX exports of a loaded model
+    ["train"],            # QAT and distillation: trains through the models, PTQ methods and sampling below
     ["eval"],
     ["engine", "generate"],
     ["quant"],

@@ -17,6 +17,8 @@ COMMANDS = {
     "quantize": "lowbit.cli.quantize_cmd",
     "compare": "lowbit.cli.compare_cmd",
     "export": "lowbit.cli.export_cmd",
+    "qat": "lowbit.cli.qat_cmd",
+    "distill": "lowbit.cli.distill_cmd",
     "serve": "lowbit.cli.serve_cmd",
 }
 

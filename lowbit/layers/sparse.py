@@ -72,7 +72,21 @@ class SparseLinear(_QuantLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         b = None if self.bias is None else self.bias.to(x.dtype)
+        if self.n == 2 and self.m == 4 and x.is_cuda:
+            from lowbit.kernels.semi_structured import semi_structured_linear, semi_structured_ok
+            if semi_structured_ok(self.values, x.dtype):
+                return semi_structured_linear(x, self._semi_structured(x.dtype), b)
         return F.linear(x, self.dequantized_weight(x.dtype), b)
+
+    def _semi_structured(self, dtype: torch.dtype):
+        """The weight compressed for sparse tensor cores, built once per dtype and device (the buffers are
+        the checkpoint's truth; this is a cache of them)."""
+        from lowbit.kernels.semi_structured import to_semi_structured
+        key = (dtype, self.values.device, self.values.data_ptr())
+        if getattr(self, "_semi_key", None) != key:
+            self._semi = to_semi_structured(self.dequantized_weight(dtype), dtype)
+            self._semi_key = key
+        return self._semi
 
     def _options(self):
         return {"n": self.n, "m": self.m}

@@ -73,3 +73,20 @@ def method_flags() -> dict[str, Flag]:
                                   f"{', '.join(flag.uses)}")
             flag.uses[method] = (f.metadata["help"], f.default)
     return flags
+
+
+def add_config_flags(group, cfg_cls, skip: tuple[str, ...] = ()) -> None:
+    """One flag per field of a config dataclass declared with registry.option (QAT's, distillation's), with
+    the field's default: the CLI is generated from the config, as `lowbit quantize`'s is."""
+    hints = typing.get_type_hints(cfg_cls)
+    for f in dataclasses.fields(cfg_cls):
+        if f.name in skip:
+            continue
+        help = f"{f.metadata['help']} (default {_show(f.default)})".replace("%", "%%")
+        group.add_argument(flag_name(f.name), dest=f.name, default=f.default, help=help, **_kwargs(hints[f.name]))
+
+
+def config_from_args(cfg_cls, args, **overrides):
+    """cfg_cls built from the parsed flags add_config_flags made (and overrides)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cfg_cls) if hasattr(args, f.name)}
+    return cfg_cls(**{**values, **overrides})
