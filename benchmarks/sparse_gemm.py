@@ -77,7 +77,8 @@ def main(argv=None) -> int:
     meta = {"machine": machine(), "ceilings": ceil, "git": git_rev(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": "python benchmarks/sparse_gemm.py " + " ".join(argv or [])}
-    md = [f"# 2:4 sparse GEMM vs dense bf16 ({meta['machine'].get('gpu')})", "",
+    errors = sorted({r[k] for r in rows for k in r if k.endswith("_error")})
+    md = [f"# 2:4 sparse GEMM vs dense bf16 ({meta['machine'].get('gpu')})", "", *(f"- refused: `{e}`" for e in errors),
           f"- date: {meta['date']}, git {meta['git']}, torch {torch.__version__}",
           f"- command: `{meta['command']}`",
           f"- measured ceilings: bf16 matmul {ceil['bf16_TFLOPs']:.0f} TFLOP/s, copy {ceil['copy_GBps']:.0f} GB/s", "",

@@ -30,6 +30,25 @@ def write_json_atomic(path: str | Path, obj) -> None:
 
 
 @contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary file path beside `path` to write; on success it replaces `path`, on any error it is removed
+    (so `path` is the old file or the complete new one, never a part)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes it private (0600); the result is an ordinary file
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """A temporary folder beside `path` to fill; on success it replaces `path` (an existing one is moved aside
     first, so `path` is always whole or absent), on any error it is removed."""

@@ -36,9 +36,13 @@ def console():
     return Console() if sys.stdout.isatty() else Console(width=120)
 
 
-def add_format_arg(p, default: str | None = "lowbit") -> None:
+def add_format_arg(p, default: str | None = "lowbit", extra: dict[str, str] | None = None) -> None:
+    """--format: the checkpoint formats, plus `extra` (name -> help words) a command writes besides them."""
     from lowbit.formats import FORMATS   # a table only: importing it loads no format module
 
-    p.add_argument("--format", choices=["lowbit", *FORMATS], default=default, required=default is None,
+    extra = extra or {}
+    p.add_argument("--format", choices=["lowbit", *FORMATS, *extra], default=default, required=default is None,
                    help="checkpoint format: lowbit (every method), compressed-tensors (vLLM, SGLang, transformers, "
-                        "llm-compressor), gptq or awq (the hub's layouts)" + (f"; default {default}" if default else ""))
+                        "llm-compressor), gptq or awq (the hub's layouts)"
+                        + "".join(f", {k} ({v})" for k, v in extra.items())
+                        + (f"; default {default}" if default else ""))

@@ -89,3 +89,50 @@ def test_sparsity_and_budget_flags_refuse_in_one_line(tmp_path, capsys, argv, ne
     lines = _err_lines(capsys)
     assert len(lines) == 1 and needle in lines[0]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--format", "gguf", "--type", "Q4_K"], "error: --type Q4_K: the gguf package"),   # (0.19.0) can dequantize...
+    (["--format", "gguf", "--type", "Q3_X"], "error: --type: unknown GGUF type 'Q3_X'"),
+    (["--format", "gptq", "--type", "Q8_0"], "error: --type: only --format gguf takes a type (got --format gptq)"),
+    (["--format", "gptq"], "error: MODEL: --format gptq rewrites a quantized directory; name one"),
+])
+def test_export_refusals_are_one_line_before_loading(tmp_path, capsys, argv, needle):
+    out = tmp_path / "o.gguf"
+    assert main(["export", *argv, "-o", str(out)]) == 2
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(needle), lines
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_gguf_needs_a_gguf_file_name(tmp_path, capsys):
+    assert main(["export", "--format", "gguf", "-o", str(tmp_path / "out")]) == 2
+    assert _err_lines(capsys) == [f"error: -o {tmp_path / 'out'}: --format gguf writes one file; give a name "
+                                  f"ending in .gguf"]
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--format", "gptq", "--form", "qdq", "-o", "o"], "error: --form: only --format onnx takes it (got --format gptq)"),
+    (["--format", "gguf", "--dtype", "fp16", "-o", "o.gguf"], "error: --dtype: only --format onnx takes it"),
+    (["--format", "onnx", "-o", "model.onnx"], "error: -o model.onnx: --format onnx writes a directory"),
+])
+def test_export_onnx_flag_refusals_are_one_line_before_loading(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", *argv]) == 2
+    lines = _err_lines(capsys)
+    assert len(lines) == 1 and lines[0].startswith(needle), lines
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_onnx_refuses_a_layer_that_does_not_map(smollm2_4, tmp_path, capsys):
+    """A 3-bit checkpoint as QOperator: one line naming the first layer and why; nothing written."""
+    import copy
+
+    from lowbit.quant.api import quantize
+    model = copy.deepcopy(smollm2_4[0])
+    quantize(model, "rtn", None, progress=False, bits=3, group_size=32).save(model, smollm2_4[1], tmp_path / "q3")
+    assert main(["export", str(tmp_path / "q3"), "--format", "onnx", "--form", "qoperator",
+                 "-o", str(tmp_path / "o")]) == 2
+    assert _err_lines(capsys) == ["error: model.layers.0.self_attn.q_proj: cannot export as ONNX qoperator: 3-bit "
+                                  "codes: MatMulNBits is exported for 4 and 8 bits"]
+    assert not (tmp_path / "o").exists()

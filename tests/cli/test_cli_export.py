@@ -65,3 +65,17 @@ def test_unknown_quant_method_is_one_line(tmp_path, capsys):
     assert main(["eval", str(d), "--text", str(tmp_path / "t.txt")]) == 2
     lines = _err_lines(capsys)
     assert len(lines) == 1 and "quant_method 'bitsandbytes' is not one lowbit reads" in lines[0], lines
+
+
+def test_export_gguf_of_the_default_model(tmp_path, capsys):
+    """`lowbit export --format gguf` with no MODEL: the default model, one line naming what was written."""
+    import gguf
+
+    out = tmp_path / "smollm2-q4_1.gguf"
+    assert main(["export", "--format", "gguf", "--type", "Q4_1", "-o", str(out)]) == 0
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "as GGUF Q4_1:" in printed and "272 tensors (61 F32, 210 Q4_1, 1 Q8_0)" in printed, printed
+    r = gguf.GGUFReader(str(out))
+    assert r.fields["general.file_type"].contents() == 3 and len(r.tensors) == 272
+    assert main(["export", "--format", "gguf", "-o", str(out)]) == 2          # exists: refused without --force
+    assert "already exists" in capsys.readouterr().err
