@@ -1,4 +1,5 @@
-"""GPU kernels (Triton) behind the CPU reference paths of lowbit.quant and lowbit.engine.
+"""GPU kernels (Triton) behind the CPU reference paths of lowbit.quant and lowbit.engine, and the CPU
+weight-only matmuls PyTorch ships (lowbit.kernels.cpu_wq).
 
 Every kernel has a reference in plain PyTorch that stays the oracle (and the path on CPU, or wherever
 Triton is missing). Layers ask `use_kernels(x)` before dispatching; tests and benchmarks switch the
@@ -20,6 +21,13 @@ _disabled = os.environ.get("LOWBIT_KERNELS", "1") == "0"
 def use_kernels(x: torch.Tensor) -> bool:
     """Whether the Triton kernels should run for a tensor: CUDA, Triton importable, not disabled."""
     return x.is_cuda and HAS_TRITON and not _disabled
+
+
+def use_cpu_kernels(x: torch.Tensor) -> bool:
+    """Whether the CPU weight-only kernels (lowbit.kernels.cpu_wq) should run: a float32 CPU tensor that needs
+    no gradient (the kernels have no backward), not disabled."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32 and not _disabled
+            and not (x.requires_grad and torch.is_grad_enabled()))
 
 
 @contextlib.contextmanager

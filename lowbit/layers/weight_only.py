@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.kernels import use_kernels
+from lowbit.kernels import use_cpu_kernels, use_kernels
+from lowbit.kernels.cpu_wq import cpu_linear, cpu_pack
 from lowbit.kernels.primitives import (dequantize, dequantize_groups, pack, packed_numel, quantize_weight,
                                        unpack)
 
@@ -18,6 +19,23 @@ from lowbit.layers.base import (_QuantLinear, _as_dtype, _as_spec, _grouped_shap
 
 
 # ----------------------------------------------------------------------------- weight-only
+
+CPU_KERNEL_MAX_ROWS = 8  # rows (tokens) up to which the CPU kernels beat dequantize + GEMM (cpu_profile.py)
+
+def _buffers_key(layer) -> tuple:
+    """Identity and version of the buffers a packed copy is derived from: changes on assignment, .to()
+    and in-place writes (load_state_dict copies in place)."""
+    key = []
+    for name in ("qweight", "scale", "zero", "g_idx"):
+        t = layer._buffers.get(name)
+        if t is not None:
+            try:
+                version = t._version
+            except RuntimeError:  # inference tensors have no version counter
+                version = -1
+            key.append((t.data_ptr(), t.device, t.dtype, version))
+    return tuple(key)
+
 
 class WeightOnlyLinear(_QuantLinear):
     """WkA16 linear. Buffers: qweight uint8 [out, packed_numel(in, bits)] (primitives.pack),
@@ -129,8 +147,21 @@ class WeightOnlyLinear(_QuantLinear):
             if packed is not None:
                 from lowbit.kernels.wq_gemm import wq_linear
                 return wq_linear(x, packed, self.bias)
+        # fp32 CPU kernels are matrix-vector speed: decode steps (few rows) only; a prefill dequantizes once.
+        if use_cpu_kernels(x) and x.numel() <= CPU_KERNEL_MAX_ROWS * self.in_features:
+            packed = self.cpu_weight()
+            if packed is not None:  # int8 per channel / <=4-bit groups: PyTorch's CPU kernels, no dequantize
+                return cpu_linear(x, packed, self.out_features, self.bias)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), b)
+
+    def cpu_weight(self):
+        """The weight in a CPU kernel's layout (lowbit.kernels.cpu_wq.CpuPacked), built on first use and
+        rebuilt when a buffer is replaced or written in place; None if no CPU kernel takes this grid."""
+        key = _buffers_key(self)
+        if getattr(self, "_cpu_key", None) != key:
+            self._cpu_packed, self._cpu_key = cpu_pack(self), key
+        return self._cpu_packed
 
     def kernel_weight(self):
         """The weight in the Triton kernel's layout (lowbit.kernels.wq_gemm.PackedWeight), built on first

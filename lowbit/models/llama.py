@@ -26,6 +26,8 @@ class RMSNorm(nn.Module):
         if use_kernels(x) and self.weight.dtype == x.dtype:
             from lowbit.kernels.fused import rms_norm
             return rms_norm(x, self.weight, self.eps)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one op, bitwise the same as below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32 as the reference does: bf16 sums of squares lose too much.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -58,14 +60,17 @@ class Attention(nn.Module):
         elif self.kv_quant is not None:  # no cache (evaluation): see exactly what a quantized cache returns
             k, v = self.kv_quant.roundtrip(k), self.kv_quant.roundtrip(v)
         rep = self.n_heads // self.n_kv
-        if rep > 1:  # GQA: each KV head serves `rep` consecutive query heads
+        # GQA: each KV head serves `rep` consecutive query heads. On the CPU, SDPA's enable_gqa does that without
+        # copying k/v (bitwise the same result); elsewhere the copies keep every SDPA backend available.
+        gqa = rep > 1 and x.device.type == "cpu"
+        if rep > 1 and not gqa:
             S = k.shape[2]
             k = k[:, :, None].expand(B, self.n_kv, rep, S, self.hd).reshape(B, self.n_heads, S, self.hd)
             v = v[:, :, None].expand(B, self.n_kv, rep, S, self.hd).reshape(B, self.n_heads, S, self.hd)
         if mask is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.hd)             # [B, T, H*hd]
         return self.o_proj(o)
 

@@ -10,6 +10,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from lowbit.errors import LowbitError
+from lowbit.kernels import kernels_disabled
 from lowbit.kernels.int8_matmul import int8_mm
 from lowbit.layers import (INT8_SYM, LAYER_CLASSES, FakeQuantLinear, FP8Linear, Int8Linear,
                                  WeightOnlyLinear, build_layer, swap_linear)
@@ -68,7 +69,9 @@ def test_weight_only_equals_fake_quant(bits, group, mode):
         real = WeightOnlyLinear.from_linear(lin, spec, dtype=torch.float32)
         ref = FakeQuantLinear.from_linear(lin, spec)  # primitives.fake_quantize, float32 scales
         assert torch.equal(real.dequantized_weight(), fake_quantize(lin.weight.detach(), spec))
-        assert torch.equal(real(x), ref(x))
+        with kernels_disabled():  # the dequantize path; the CPU kernels sum in another order (test_cpu_wq.py)
+            assert torch.equal(real(x), ref(x))
+        _close(real(x), ref(x), rtol=0, atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", sorted(MODES))
@@ -81,7 +84,9 @@ def test_weight_only_fp16_storage_matches_reference(mode):
     assert real.scale.dtype == torch.float16 and real.qweight.dtype == torch.uint8
     ref = FakeQuantLinear.from_linear(lin, spec, scale_dtype=torch.float16)
     x = _x(4, IN)
-    assert torch.equal(real(x), ref(x))
+    with kernels_disabled():  # the dequantize path; the CPU kernels sum in another order (test_cpu_wq.py)
+        assert torch.equal(real(x), ref(x))
+    _close(real(x), ref(x), rtol=0, atol=1e-4)
     # ...and is as accurate as the float32-scale fake quant (a few codes flip at rounding ties).
     w = lin.weight.detach()
     err16, err32 = (real.dequantized_weight() - w).square().mean(), (fake_quantize(w, spec) - w).square().mean()

@@ -1,0 +1,120 @@
+"""WeightOnlyLinear's CPU kernels (lowbit.kernels.cpu_wq) against its dequantize reference path, on real
+SmolLM2 layers: the kernel's own weight (read back through an identity input) and its outputs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lowbit.kernels import kernels_disabled
+from lowbit.kernels.cpu_wq import cpu_linear, cpu_pack, has_cpu_kernels
+from lowbit.kernels.primitives import QuantSpec
+from lowbit.layers import WeightOnlyLinear
+
+pytestmark = pytest.mark.skipif(not has_cpu_kernels(), reason="this PyTorch has no CPU weight-only kernels")
+
+# q_proj 576->576, k_proj 576->192 (GQA), down_proj 1536->576: every matmul shape of the model but the head.
+LAYERS = ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")
+FAST = {  # spec -> (kernel, kernel group size for K=576, for K=1536)
+    QuantSpec(8, True, -1): ("int8", 0, 0),
+    QuantSpec(4, False, 32): ("int4", 32, 32),
+    QuantSpec(4, False, 64): ("int4", 64, 64),
+    QuantSpec(4, False, 128): ("int4", 64, 128),         # 576 = 4 x 128 + 64: kernel groups of 64
+    QuantSpec(4, True, 32): ("int4", 32, 32),           # the Q4_0 grid
+    QuantSpec(4, False, 32, "float"): ("int4", 32, 32),  # the Q4_1 grid
+    QuantSpec(4, False, -1): ("int4", 64, 256),         # per channel: one scale repeated over kernel groups
+    QuantSpec(3, False, 128): ("int4", 64, 128),
+    QuantSpec(2, True, 64): ("int4", 64, 64),
+}
+SLOW = (QuantSpec(8, True, 32), QuantSpec(8, False, -1), QuantSpec(5, False, 32), QuantSpec(6, True, -1))
+# |kernel - float64| / |float32 reference - float64| measured on these layers: up to ~10 (the kernels sum in
+# another order, per group); 1e-4 absolute on outputs of magnitude ~1-10 leaves a margin of 2x over the worst.
+OUT_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def block(smollm2):
+    return smollm2[0].model.layers[3]
+
+
+def _layer(block, name, spec, dtype):
+    """The block's projection quantized with spec, plus a bias (SmolLM2 has none) so the bias add is tested."""
+    ref = WeightOnlyLinear.from_linear(block.get_submodule(name), spec, dtype=dtype)
+    bias = torch.randn(ref.out_features, generator=torch.Generator().manual_seed(0))
+    return WeightOnlyLinear.from_quantized(ref.codes(), ref.scale, ref.zero, spec, bias, g_idx=ref.g_idx, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("name", LAYERS)
+@pytest.mark.parametrize("spec", list(FAST), ids=lambda s: s.tag)
+def test_kernel_weight_and_output_match_reference(block, name, spec, dtype):
+    layer = _layer(block, name, spec, dtype)
+    packed = cpu_pack(layer)
+    kind, g576, g1536 = FAST[spec]
+    assert packed is not None and packed.kind == kind
+    assert packed.group_size == (g576 if layer.in_features == 576 else g1536)
+    ref_w = layer.dequantized_weight()                                            # [N, K] fp32
+    # The kernel's weight, read back exactly: an identity input makes each output one product w * 1.
+    kw = cpu_linear(torch.eye(layer.in_features), packed, layer.out_features).T    # [N, K]
+    if dtype == torch.float16:  # fp16 scales: (8 - z)*s and z + 8*s are exact in fp32, so is the weight
+        assert torch.equal(kw, ref_w)
+    else:  # fp32 scales: the offset rounds once more (a few ulp)
+        assert torch.allclose(kw, ref_w, rtol=0, atol=4 * torch.finfo(torch.float32).eps * float(ref_w.abs().max()))
+    x = torch.randn(5, layer.in_features, generator=torch.Generator().manual_seed(1))
+    y = layer(x[None])                                                            # [1, 5, N]: the fast path
+    ref = x.double() @ ref_w.double().T + layer.bias.double()                     # float64
+    assert y.shape == (1, 5, layer.out_features) and y.dtype == torch.float32
+    assert float((y[0].double() - ref).abs().max()) < OUT_ATOL
+    with kernels_disabled():
+        y_ref = layer(x[None])                                                    # the dequantize path
+    assert float((y - y_ref).abs().max()) < OUT_ATOL
+
+
+@pytest.mark.parametrize("spec", SLOW, ids=lambda s: s.tag)
+def test_grids_without_a_kernel_keep_the_reference_path(block, spec):
+    layer = _layer(block, "self_attn.q_proj", spec, torch.float16)
+    assert cpu_pack(layer) is None and layer.cpu_weight() is None
+    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(layer(x), F.linear(x, layer.dequantized_weight(torch.float32), layer.bias.float()))
+
+
+def test_act_order_g_idx_breaking_kernel_groups_has_no_kernel(block):
+    spec = QuantSpec(4, False, 32)
+    ref = _layer(block, "self_attn.q_proj", spec, torch.float16)
+    perm = torch.randperm(576, generator=torch.Generator().manual_seed(3))
+    layer = WeightOnlyLinear.from_quantized(ref.codes(), ref.scale, ref.zero, spec, ref.bias,
+                                            g_idx=perm // 32, dtype=torch.float16)
+    assert cpu_pack(layer) is None
+    # a g_idx that keeps runs of 32 columns in one group (a permutation of whole groups) still maps
+    blocks = torch.randperm(18, generator=torch.Generator().manual_seed(4))
+    g_idx = blocks.repeat_interleave(32)
+    layer = WeightOnlyLinear.from_quantized(ref.codes(), ref.scale, ref.zero, spec, ref.bias, g_idx=g_idx,
+                                            dtype=torch.float16)
+    packed = cpu_pack(layer)
+    assert packed is not None and packed.group_size == 32
+    kw = cpu_linear(torch.eye(576), packed, 576).T
+    assert torch.equal(kw, layer.dequantized_weight())
+
+
+def test_packed_copy_follows_the_buffers(block):
+    spec = QuantSpec(4, False, 64)
+    layer = _layer(block, "mlp.down_proj", spec, torch.float16)
+    other = _layer(block, "mlp.up_proj", QuantSpec(4, False, 64), torch.float16)
+    x = torch.randn(1, 1536, generator=torch.Generator().manual_seed(5))
+    first = layer.cpu_weight()
+    assert layer.cpu_weight() is first                       # cached between calls
+    layer.scale.mul_(2)                                      # an in-place write (what load_state_dict does)
+    y = layer(x)
+    assert layer.cpu_weight() is not first
+    with kernels_disabled():
+        assert float((y - layer(x)).abs().max()) < OUT_ATOL
+    assert other.cpu_weight() is not None
+
+
+def test_gradients_and_other_dtypes_take_the_reference_path(block):
+    layer = _layer(block, "self_attn.q_proj", QuantSpec(4, False, 32), torch.float16)
+    x = torch.randn(2, 576, requires_grad=True)
+    layer(x).sum().backward()                                # the kernels have no backward: must not be used
+    assert x.grad is not None and x.grad.shape == x.shape
+    xb = torch.randn(2, 576).bfloat16()
+    assert torch.equal(layer(xb), F.linear(xb, layer.dequantized_weight(torch.bfloat16), layer.bias.bfloat16()))
