@@ -13,21 +13,15 @@ from pathlib import Path
 import numpy as np
 
 from lowbit.errors import LowbitError
+from lowbit.generate import GenerationStats
 
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 @dataclass
-class DecodeStats:
-    prompt_tokens: int = 0
-    prefill_seconds: float = 0.0
-    decode_steps: int = 0
-    decode_seconds: float = 0.0
+class DecodeStats(GenerationStats):
+    """lowbit.generate's timing record, plus the generated token ids."""
     tokens: list[int] = field(default_factory=list)
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
 
 
 class OnnxDecoder:
