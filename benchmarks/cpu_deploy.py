@@ -5,10 +5,14 @@ exports, all in one run on the default model (SmolLM2-135M-Instruct), batch 1, `
 
 Prompt: the first `--prompt` tokens of the WikiText-2 test text; then `--new` greedy tokens (EOS ignored).
 lowbit rows run `lowbit.generate.generate` (prefill + token-by-token decode with a contiguous KV cache), fp32
-activations; each quantized format says which matmul path its layers took (`kernel`: PyTorch's CPU int8/int4
-kernels via lowbit.kernels.cpu_wq; `dequantize`: the reference path). llama.cpp (llama-cpp-python, n_threads)
+activations; each quantized format says which matmul path its layers took (lowbit.kernels.cpu_wq: `C kernel`,
+lowbit's own, or `PyTorch kernel`; `dequantize`: the reference path). llama.cpp (llama-cpp-python, n_threads)
 runs lowbit's own GGUF exports (lowbit.export.gguf_writer.export_gguf); onnxruntime runs lowbit's ONNX exports
 (lowbit.export.onnx_graph.export_onnx). Every engine: one warm-up generation, then the better of two timed ones.
+The physical limit: the machine's read bandwidth, measured in the same run (a sum over a 256 MB tensor with
+the same threads); each row reports the weight bytes one decode step reads (lowbit: the kernels' packed
+weights plus the float tensors; llama.cpp: the GGUF file; onnxruntime: the exported model) times its tokens/s,
+as a fraction of it.
 """
 from __future__ import annotations
 
@@ -34,20 +38,33 @@ from lowbit.quant.api import quantize
 from lowbit.text import read_text, tokenize_text
 
 WIKI = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
-# lowbit format -> (rtn options or None, the GGUF type llama.cpp runs for it, how the weights relate)
+# lowbit format -> (rtn options or None, the llama.cpp row it is compared with, how the weights relate)
 FORMATS = {
     "fp32": (None, "F32", "same weights"),
-    "int8-sym-ch": (dict(bits=8, group_size=-1, sym=True), "Q8_0", "8-bit per channel vs Q8_0 (8-bit, g32)"),
-    "int4-sym-g32": (dict(bits=4, group_size=32, sym=True), "Q4_0", "same codes (Q4_0 grid)"),
-    "int4-asym-g32": (dict(bits=4, group_size=32), "Q4_1", "same codes (integer zero as Q4_1 offset)"),
-    "int4-fzp-g32": (dict(bits=4, group_size=32, zero_point="float"), "Q4_1", "same codes (Q4_1 grid)"),
-    "int4-asym-g64": (dict(bits=4, group_size=64), "Q4_1", "4-bit g64 vs Q4_1 (g32)"),
+    "int8-sym-g32": (dict(bits=8, group_size=32, sym=True), "Q8_0 (F32 head)", "same codes (Q8_0 grid)"),
+    "int8-sym-ch": (dict(bits=8, group_size=-1, sym=True), "Q8_0 (F32 head)", "8-bit per channel vs Q8_0 (g32)"),
+    "int4-sym-g32": (dict(bits=4, group_size=32, sym=True), "Q4_0 (F32 head)", "same codes (Q4_0 grid)"),
+    "int4-asym-g32": (dict(bits=4, group_size=32), "Q4_1 (F32 head)", "same codes (integer zero as Q4_1 offset)"),
+    "int4-fzp-g32": (dict(bits=4, group_size=32, zero_point="float"), "Q4_1 (F32 head)", "same codes (Q4_1 grid)"),
+    "int4-asym-g64": (dict(bits=4, group_size=64), "Q4_1 (F32 head)", "4-bit g64 vs Q4_1 (g32)"),
 }
-GGUF_TYPES = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1")
-GGUF_SOURCE = {"F32": "fp32", "F16": "fp32", "Q8_0": "fp32", "Q4_0": "int4-sym-g32", "Q4_1": "int4-fzp-g32"}
+# llama.cpp rows: name -> (GGUF type, head type (None: the exporter's default), lowbit format exported).
+# lowbit runs the tied head in fp32 in every row, so the "F32 head" rows are the same weights as lowbit's;
+# the last two rows have the head llama.cpp's own quantizer would give (Q8_0), for reference.
+LLAMA_ROWS = {
+    "F32": ("F32", None, "fp32"),
+    "F16": ("F16", None, "fp32"),
+    "Q8_0 (F32 head)": ("Q8_0", "F32", "int8-sym-g32"),
+    "Q4_0 (F32 head)": ("Q4_0", "F32", "int4-sym-g32"),
+    "Q4_1 (F32 head)": ("Q4_1", "F32", "int4-fzp-g32"),
+    "Q8_0": ("Q8_0", None, "int8-sym-g32"),
+    "Q4_0 (Q8_0 head)": ("Q4_0", None, "int4-sym-g32"),
+}
+SAME_CODES = ("fp32", "int8-sym-g32", "int4-sym-g32", "int4-fzp-g32")   # greedy output compared token by token
 ONNX = {  # row name -> (lowbit format, form, accuracy level of MatMulNBits)
     "onnx fp32": ("fp32", "qdq", 0),
     "onnx int8-sym-ch qdq": ("int8-sym-ch", "qdq", 0),
+    "onnx int4-sym-g32 qdq": ("int4-sym-g32", "qdq", 0),   # onnxruntime fuses DQ -> MatMul into MatMulNBits (level 4)
     "onnx int4-sym-g32 qoperator acc4": ("int4-sym-g32", "qoperator", 4),
 }
 
@@ -57,12 +74,40 @@ def loadavg() -> list[float]:
 
 
 def matmul_path(model) -> str:
-    """'kernel', 'dequantize' or 'mixed' for the quantized layers; 'fp32' when there are none."""
+    """Which CPU matmul the quantized layers take: a kernel name, 'dequantize', or 'mixed (...)'."""
     layers = [m for m in model.modules() if isinstance(m, WeightOnlyLinear)]
     if not layers:
         return "fp32 F.linear"
-    fast = sum(m.cpu_weight() is not None for m in layers)
-    return "kernel" if fast == len(layers) else "dequantize" if fast == 0 else f"mixed ({fast}/{len(layers)} kernel)"
+    kinds = {("C kernel" if p.kind in ("q4", "q8") else "PyTorch kernel") if p is not None else "dequantize"
+             for p in (m.cpu_weight() for m in layers)}
+    return kinds.pop() if len(kinds) == 1 else f"mixed ({', '.join(sorted(kinds))})"
+
+
+def step_bytes(model) -> int:
+    """Bytes of weights one decode step reads: packed kernel weights (or the stored buffers) plus every float
+    parameter once (a tied head counted once)."""
+    seen, total = set(), 0
+    for mod in model.modules():
+        if isinstance(mod, WeightOnlyLinear):
+            p = mod.cpu_weight()
+            total += p.nbytes if p is not None else sum(b.numel() * b.element_size() for b in mod.buffers())
+            continue
+        for t in mod.parameters(recurse=False):
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.numel() * t.element_size()
+    return total
+
+
+def read_bandwidth() -> float:
+    """GB/s of a sum over a 256 MB fp32 tensor (the best of 5), with torch's thread count."""
+    x = torch.rand(64 * 1024 * 1024)
+    best = float("inf")
+    for _ in range(6):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
 
 
 def run_lowbit(model, tok, prompt: list[int], new: int) -> dict:
@@ -82,6 +127,14 @@ def run_llama(path: Path, prompt: list[int], new: int, threads: int) -> dict:
     llm = Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_threads=threads, n_threads_batch=threads,
                 n_batch=512, verbose=False)
 
+    import llama_cpp
+    vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        # llama-cpp-python keeps llm.scores only with logits_all=True (which would compute every prompt row's
+        # logits); the context's own buffer holds the last token's row.
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))
+
     def once(p, n):
         llm.reset()
         t0 = time.perf_counter()
@@ -89,7 +142,7 @@ def run_llama(path: Path, prompt: list[int], new: int, threads: int) -> dict:
         t1 = time.perf_counter()
         out = []
         for _ in range(n):
-            t = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            t = int(np.argmax(last_logits()))
             out.append(t)
             llm.eval([t])
         return (t1 - t0) * 1e3, n / (time.perf_counter() - t1), out
@@ -120,6 +173,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     start = loadavg()
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth {bandwidth:.1f} GB/s ({a.threads} threads)", flush=True)
     t_start = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     base, tok = load(None, dtype="fp32")
     prompt = tokenize_text(tok, read_text(WIKI)[:20_000])[:a.prompt].tolist()
@@ -131,7 +186,8 @@ def main() -> None:
             quantize(m, "rtn", None, progress=False, **opts)
         models[fmt] = m
         r = run_lowbit(m, tok, prompt, a.new)
-        rows.append({"engine": "lowbit", "row": f"lowbit {fmt}", "format": fmt, "path": matmul_path(m), **r})
+        rows.append({"engine": "lowbit", "row": f"lowbit {fmt}", "format": fmt, "path": matmul_path(m),
+                     "step_bytes": step_bytes(m), **r})
         print(rows[-1]["row"], f"{r['tok_s']:.1f} tok/s", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -139,18 +195,18 @@ def main() -> None:
             from lowbit.export.gguf_writer import export_gguf
         except ImportError:
             export_gguf = None
-        for gt in GGUF_TYPES:
-            src = GGUF_SOURCE[gt]
+        for name, (gt, head, src) in LLAMA_ROWS.items():
             if export_gguf is None:
                 path, made = default_model_path(), "the source GGUF (no lowbit exporter)"
             elif src in models:
-                path = Path(tmp) / f"{gt}.gguf"
-                export_gguf(models[src], tok, path, type=gt, source=default_model_path())
-                made = f"export_gguf(lowbit {src}, type={gt})"
+                path = Path(tmp) / f"{name.replace(' ', '_')}.gguf"
+                export_gguf(models[src], tok, path, type=gt, source=default_model_path(), head_type=head)
+                made = f"export_gguf(lowbit {src}, type={gt}" + (f", head_type={head})" if head else ")")
             else:
                 continue
             r = run_llama(path, prompt, a.new, a.threads)
-            rows.append({"engine": "llama.cpp", "row": f"llama.cpp {gt}", "format": gt, "path": made, **r})
+            rows.append({"engine": "llama.cpp", "row": f"llama.cpp {name}", "format": name, "path": made,
+                         "step_bytes": path.stat().st_size, **r})
             print(rows[-1]["row"], f"{r['tok_s']:.1f} tok/s", flush=True)
         if not a.no_onnx:
             try:
@@ -163,7 +219,7 @@ def main() -> None:
                 try:
                     rep = export_onnx(models[fmt], tok, Path(tmp) / name.replace(" ", "_"), form=form, dtype="fp32",
                                       accuracy_level=acc)
-                    r = run_onnx(rep["path"], prompt, a.new, a.threads)
+                    r = {**run_onnx(rep["path"], prompt, a.new, a.threads), "step_bytes": rep["bytes"]}
                 except Exception as e:  # a form the exporter refuses: say so in the table
                     r = {"prefill_ms": float("nan"), "tok_s": float("nan"), "error": str(e).splitlines()[0][:120]}
                 rows.append({"engine": "onnxruntime", "row": name, "format": fmt,
@@ -173,10 +229,12 @@ def main() -> None:
     llama = {r["format"]: r["tok_s"] for r in rows if r["engine"] == "llama.cpp"}
     for r in rows:
         r["ms_token"] = 1e3 / r["tok_s"] if r["tok_s"] == r["tok_s"] and r["tok_s"] else float("nan")
+        if "step_bytes" in r:
+            r["bandwidth_fraction"] = r["step_bytes"] * r["tok_s"] / 1e9 / bandwidth
         if r["engine"] == "lowbit" and FORMATS[r["format"]][1] in llama:
             gt = FORMATS[r["format"]][1]
             r["vs_llama"], r["llama_row"], r["relation"] = r["tok_s"] / llama[gt], gt, FORMATS[r["format"]][2]
-        if r["engine"] == "lowbit" and "tokens" in r and r["format"] in ("int4-sym-g32", "int4-fzp-g32", "fp32"):
+        if r["engine"] == "lowbit" and "tokens" in r and r["format"] in SAME_CODES:
             other = next((o for o in rows if o["engine"] == "llama.cpp"
                           and o["format"] == FORMATS[r["format"]][1]), None)
             if other is not None:
@@ -186,7 +244,7 @@ def main() -> None:
                                             "cores": os.cpu_count(), "torch": torch.__version__,
                                             "capability": torch.backends.cpu.get_cpu_capability()},
                "command": "python " + " ".join(sys.argv), "threads": a.threads, "prompt_tokens": len(prompt),
-               "new_tokens": a.new, "loadavg_start": start, "loadavg_end": loadavg(),
+               "new_tokens": a.new, "loadavg_start": start, "loadavg_end": loadavg(), "read_bandwidth_gbs": bandwidth,
                "rows": [{k: v for k, v in r.items() if k != "tokens"} for r in rows]}
     out = Path(a.out)
     write_json_atomic(out.with_suffix(".json"), payload)
@@ -200,15 +258,22 @@ def markdown(p: dict) -> str:
              f"{p['new_tokens']} greedy tokens; load average (1/5/15 min) at start {p['loadavg_start']}, at end "
              f"{p['loadavg_end']} (2 cores: above ~2 the machine was shared and every number is pessimistic).", "",
              "lowbit keeps the tied 49152x576 lm_head in fp32 in every row (its methods quantize the decoder's "
-             "Linears only); lowbit's GGUF export writes the head as Q8_0 for the 4-bit types, so llama.cpp's "
-             "4-bit and Q8_0 rows read a 4x smaller head.", "",
-             "| engine | row | matmul path / file | tok/s | ms/token | prefill ms | vs llama.cpp | greedy vs llama.cpp |",
-             "|---|---|---|---|---|---|---|---|"]
+             "Linears only), so each lowbit row is compared with llama.cpp on a GGUF export of the same model with "
+             "the head kept F32 (`--head-type F32`): the same weights, and for the rows marked 'same codes' the "
+             "same greedy tokens. The last two llama.cpp rows have the Q8_0 head the exporter writes by default "
+             "(what llama.cpp's own quantizer does), which reads 4x fewer head bytes per token.", "",
+             f"Measured read bandwidth: {p['read_bandwidth_gbs']:.1f} GB/s ({p['threads']} threads).", "",
+             "| engine | row | matmul path / file | tok/s | ms/token | prefill ms | MB read/token | of bandwidth "
+             "| vs llama.cpp | greedy vs llama.cpp |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in p["rows"]:
         vs = f"{r['vs_llama']:.0%} of {r['llama_row']} ({r['relation']})" if "vs_llama" in r else ""
         note = r.get("error", "")
+        mb = f"{r['step_bytes'] / 1e6:.0f}" if "step_bytes" in r else ""
+        frac = f"{r['bandwidth_fraction']:.0%}" if "bandwidth_fraction" in r else ""
         lines.append(f"| {r['engine']} | {r['row']} | {r['path']}{' — ' + note if note else ''} | {r['tok_s']:.1f} | "
-                     f"{r['ms_token']:.2f} | {r['prefill_ms']:.0f} | {vs} | {r.get('greedy_vs_llama', '')} |")
+                     f"{r['ms_token']:.2f} | {r['prefill_ms']:.0f} | {mb} | {frac} | {vs} | "
+                     f"{r.get('greedy_vs_llama', '')} |")
     return "\n".join(lines) + "\n"
 
 

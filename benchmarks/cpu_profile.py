@@ -5,9 +5,11 @@
 1. Per-step overhead: a decode step of the same graph (30 blocks, 9/3 heads, every op) at tiny widths
    (d=72, ffn 64, vocab 64), whose matmuls cost nothing: what Python, module calls and op dispatch cost.
 2. Real decode steps (after a 128-token prefill, 64-token KV cache growth): fp32 and each quantized format,
-   with the CPU kernels on and off (off = the dequantize-every-forward reference path).
+   through lowbit's C kernel ("c"), PyTorch's CPU kernels ("aten") and the dequantize-every-forward
+   reference path; and fp32 without the head (a 576x8 stand-in): what the tied 49152x576 head costs.
 3. Matmuls at M=1 for each of the model's shapes: fp32 F.linear, WeightOnlyLinear's dequantize path and
-   its CPU kernel, summed per token (30 blocks x 7 projections + the tied 49152x576 head).
+   both CPU kernels, summed per token (30 blocks x 7 projections + the tied 49152x576 head). The same weight
+   is called repeatedly, so it is cache-hot: these are compute costs, not a decode step's memory traffic.
 4. torch.profiler's top ops of one quantized decode step.
 """
 from __future__ import annotations
@@ -26,13 +28,16 @@ import torch.nn.functional as F
 
 from lowbit.atomic import write_json_atomic, write_text_atomic
 from lowbit.kernels import kernels_disabled
+from lowbit.kernels.cpu_wq import c_kernel, preferred_backend
 from lowbit.kernels.primitives import QuantSpec
 from lowbit.layers import WeightOnlyLinear
 from lowbit.models.loader import load
 from lowbit.models.shapes import random_llama
 from lowbit.quant.api import quantize
 
+BACKENDS = ("c", "aten") if c_kernel() is not None else ("aten",)
 FORMATS = {  # name -> rtn options
+    "int4-sym-g32": dict(bits=4, group_size=32, sym=True),
     "int8-sym-ch": dict(bits=8, group_size=-1, sym=True),
     "int4-asym-g32": dict(bits=4, group_size=32),
     "int4-asym-g64": dict(bits=4, group_size=64),
@@ -98,8 +103,10 @@ def matmuls(base) -> list[dict]:
             layer = WeightOnlyLinear.from_linear(lin[name], spec)
             with kernels_disabled():  # slow (a whole-weight dequantize per call): few calls
                 row[f"{fmt} dequantize"] = best_of(lambda: layer(x), 2 if name == "lm_head" else 10, reps=3) * 1e3
-            if layer.cpu_weight() is not None:
-                row[f"{fmt} kernel"] = best_of(lambda: layer(x), iters) * 1e3
+            for backend in BACKENDS:
+                with preferred_backend(backend):
+                    if layer.cpu_weight() is not None:
+                        row[f"{fmt} {backend}"] = best_of(lambda: layer(x), iters) * 1e3
         rows.append(row)
     cols = [c for c in rows[0] if c not in ("shape", "out", "in", "per_token")]
     total = {"shape": "per token (blocks)", "out": "", "in": "", "per_token": ""}
@@ -136,13 +143,19 @@ def main() -> None:
 
     tiny = random_llama("smollm2", dtype=torch.float32, hidden_size=72, intermediate_size=64, vocab_size=64)
     steps = {"tiny widths (overhead)": step_seconds(tiny) * 1e3, "fp32": step_seconds(model) * 1e3}
+    headless = copy.deepcopy(model)
+    headless.lm_head = torch.nn.Linear(576, 8, bias=False)
+    steps["fp32 without the head"] = step_seconds(headless) * 1e3
+    del headless
     for fmt, opt in FORMATS.items():
         q = copy.deepcopy(model)
         quantize(q, "rtn", None, progress=False, **opt)
-        steps[f"{fmt} kernel"] = step_seconds(q) * 1e3
+        for backend in BACKENDS:
+            with preferred_backend(backend):
+                steps[f"{fmt} {backend}"] = step_seconds(q) * 1e3
         with kernels_disabled():
             steps[f"{fmt} dequantize"] = step_seconds(q, steps=8) * 1e3
-        if fmt == "int4-asym-g32":
+        if fmt == "int4-sym-g32":
             ops = top_ops(q)
         del q
     mm = matmuls(model)
@@ -151,7 +164,7 @@ def main() -> None:
                            "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()},
                "threads": a.threads, "command": "python " + " ".join(sys.argv),
                "loadavg_start": load_start, "loadavg_end": loadavg(),
-               "decode_step_ms": steps, "matmul_ms": mm, "top_ops_int4_asym_g32": ops}
+               "decode_step_ms": steps, "matmul_ms": mm, "top_ops_int4_sym_g32": ops}
     out = Path(a.out)
     write_json_atomic(out.with_suffix(".json"), payload)
     write_text_atomic(out.with_suffix(".md"), markdown(payload))
@@ -171,10 +184,11 @@ def markdown(p: dict) -> str:
     for r in mm:
         lines.append(f"| {r['shape']} | {r['out']}x{r['in']} | {r['per_token']} | "
                      + " | ".join(f"{r[c]:.3f}" if c in r else "-" for c in cols) + " |")
-    lines += ["", "## Top ops of one int4-asym-g32 decode step (torch.profiler, self CPU time)", "",
+    lines += ["", "## Top ops of one int4-sym-g32 decode step (torch.profiler, self CPU time; lowbit's C kernel is "
+              "called through ctypes and does not appear)", "",
               "| op | calls/step | self ms/step |", "|---|---|---|"]
     lines += [f"| {o['op']} | {o['calls_per_step']:.0f} | {o['self_ms_per_step']:.3f} |"
-              for o in p["top_ops_int4_asym_g32"]]
+              for o in p["top_ops_int4_sym_g32"]]
     return "\n".join(lines) + "\n"
 
 

@@ -32,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--type", default=None,
                    help="--format gguf: F32 | F16 | Q8_0 | Q4_0 | Q4_1 (default Q8_0); Q4_K and Q6_K are refused "
                         "(the gguf package cannot quantize them)")
+    p.add_argument("--head-type", default=None,
+                   help="--format gguf: type of a float output head (default Q8_0 with Q4_0 / Q4_1, else --type; "
+                        "F32 keeps the head lowbit runs)")
     p.add_argument("--form", default=None, choices=["qdq", "qoperator"],
                    help="--format onnx: how quantized layers are written: qdq (DequantizeLinear on the codes; "
                         "default) or qoperator (onnxruntime's MatMulNBits / MatMulInteger)")
@@ -47,8 +50,9 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from lowbit.errors import LowbitError
 
-    if args.type is not None and args.format != "gguf":
-        raise LowbitError(f"--type: only --format gguf takes a type (got --format {args.format})")
+    for flag, v in (("--type", args.type), ("--head-type", args.head_type)):
+        if v is not None and args.format != "gguf":
+            raise LowbitError(f"{flag}: only --format gguf takes a type (got --format {args.format})")
     onnx_only = [f for f, v in (("--form", args.form), ("--dtype", args.dtype), ("--act-quant", args.act_quant))
                  if v is not None]
     if onnx_only and args.format != "onnx":
@@ -68,13 +72,15 @@ def _run_gguf(args) -> int:
 
     qtype = args.type or "Q8_0"
     check_type(qtype)                   # refused before the model is loaded
+    if args.head_type is not None:
+        check_type(args.head_type, "--head-type")
     out = Path(args.out)
     if out.exists() and not args.force:
         raise LowbitError(f"-o {out}: already exists (pass --force to replace it)")
     if out.suffix != ".gguf" or out.is_dir():
         raise LowbitError(f"-o {out}: --format gguf writes one file; give a name ending in .gguf")
     model, tok = load(args.model, dtype="fp32", strict=args.strict)
-    rep = export_gguf(model, tok, out, type=qtype, overwrite=args.force)
+    rep = export_gguf(model, tok, out, type=qtype, overwrite=args.force, head_type=args.head_type)
     console().print(f"exported {model.source} as GGUF {qtype}: {rep.summary()}")
     return 0
 

@@ -64,23 +64,23 @@ class GGUFExport:
         return "; ".join(parts)
 
 
-def check_type(qtype: str) -> None:
-    """A one-line refusal of a --type this export cannot write."""
+def check_type(qtype: str, flag: str = "--type") -> None:
+    """A one-line refusal of a --type (or --head-type) this export cannot write."""
     import importlib.metadata
 
     import gguf
 
     if qtype not in TYPES:
-        raise LowbitError(f"--type: unknown GGUF type {qtype!r} (choose from {', '.join(TYPES)})")
+        raise LowbitError(f"{flag}: unknown GGUF type {qtype!r} (choose from {', '.join(TYPES)})")
     if qtype in ("F32", "F16") or qtype in GRIDS:
         return
     try:   # a K-quant: ask the installed gguf package whether it can write one (0.19.0 cannot)
         gguf.quants.quantize(np.zeros((1, 256), np.float32), gguf.GGMLQuantizationType[qtype])
     except NotImplementedError:
-        raise LowbitError(f"--type {qtype}: the gguf package ({importlib.metadata.version('gguf')}) can dequantize"
+        raise LowbitError(f"{flag} {qtype}: the gguf package ({importlib.metadata.version('gguf')}) can dequantize"
                           f" {qtype} but not quantize it; export Q8_0, Q4_0, Q4_1 or F16 "
                           f"(llama.cpp's llama-quantize can make {qtype} from an F16 export)") from None
-    raise LowbitError(f"--type {qtype}: not written yet (supported: F32, F16, Q8_0, Q4_0, Q4_1)")
+    raise LowbitError(f"{flag} {qtype}: not written yet (supported: F32, F16, Q8_0, Q4_0, Q4_1)")
 
 
 def _name_table(model) -> dict[str, str]:
@@ -141,16 +141,20 @@ def _hparams(model, arch: str) -> list[tuple[str, object, str]]:
 
 
 def export_gguf(model, tok, out_path: str | Path, type: str = "Q8_0", source: str | Path | None = None,
-                overwrite: bool = False) -> GGUFExport:
+                overwrite: bool = False, head_type: str | None = None) -> GGUFExport:
     """Write `model` (lowbit's decoder, float or with quantized layers) and its tokenizer as a GGUF file of
     `type` (F32, F16, Q8_0, Q4_0, Q4_1) at `out_path`. source: the GGUF file the model was loaded from, whose
     tokenizer metadata is carried over (default: model.source when that is a file); otherwise the metadata
-    is built from `tok`. Returns what was written; a one-line LowbitError for anything that does not map."""
+    is built from `tok`. head_type: the float output head's type (default: Q8_0 for Q4_0 / Q4_1, else `type`;
+    F32 keeps a float model's head as it is, so llama.cpp reads the same head weights as lowbit).
+    Returns what was written; a one-line LowbitError for anything that does not map."""
     import gguf
 
     t0 = time.perf_counter()
     out_path = Path(out_path)
     check_type(type)
+    if head_type is not None:
+        check_type(head_type, "--head-type")
     if out_path.exists() and not overwrite:
         raise LowbitError(f"-o {out_path}: already exists (pass --force to replace it)")
     if out_path.is_dir():
@@ -178,7 +182,7 @@ def export_gguf(model, tok, out_path: str | Path, type: str = "Q8_0", source: st
         if not is_layer and v.ndim == 1:        # norms and biases: F32, as llama.cpp computes them
             want = "F32"
         else:
-            want = HEAD_TYPE.get(type, type) if (g == head and not is_layer) else type
+            want = (head_type or HEAD_TYPE.get(type, type)) if (g == head and not is_layer) else type
         if is_layer and want in GRIDS:
             packed = repack(v, want, hf.removesuffix(".weight"))
             data = packed.data

@@ -1,5 +1,5 @@
-"""GPU kernels (Triton) behind the CPU reference paths of lowbit.quant and lowbit.engine, and the CPU
-weight-only matmuls PyTorch ships (lowbit.kernels.cpu_wq).
+"""GPU kernels (Triton, CUDA) behind the CPU reference paths of lowbit.quant and lowbit.engine, and CPU
+weight-only matmuls for decode (lowbit.kernels.cpu_wq: lowbit's C kernel, PyTorch's where there is no compiler).
 
 Every kernel has a reference in plain PyTorch that stays the oracle (and the path on CPU, or wherever
 Triton is missing). Layers ask `use_kernels(x)` before dispatching; tests and benchmarks switch the

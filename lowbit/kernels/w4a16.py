@@ -17,16 +17,15 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
-import hashlib
 import os
 import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from lowbit.kernels.build import build_library
 
 ROWS_B = 256                 # as in csrc/w4a16.cu: output features per block (8 warps of 32)
 _SRC = Path(__file__).parent / "csrc" / "w4a16.cu"
@@ -114,25 +113,13 @@ def _nvcc() -> str | None:
 
 
 def _build(arch: str) -> ctypes.CDLL:
-    """Compile csrc/w4a16.cu for `arch` (e.g. '90') into the cache (atomically) and load it."""
-    src = _SRC.read_bytes()
-    tag = hashlib.sha256(src + arch.encode()).hexdigest()[:16]
-    cache = Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")) / "kernels"
-    lib = cache / f"w4a16-sm{arch}-{tag}.so"
-    if not lib.exists():
-        nvcc = _nvcc()
-        if nvcc is None:
-            raise RuntimeError("nvcc not found (set CUDA_HOME)")
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            out = Path(tmp) / lib.name
-            cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
-                   f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(out), str(_SRC)]
-            r = subprocess.run(cmd, capture_output=True, text=True)
-            if r.returncode != 0:
-                raise RuntimeError(f"nvcc failed: {r.stderr.strip()[-2000:]}")
-            os.replace(out, lib)
-    dll = ctypes.CDLL(str(lib))
+    """Compile csrc/w4a16.cu for `arch` (e.g. '90') into the cache and load it."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc not found (set CUDA_HOME)")
+    dll = build_library(f"w4a16-sm{arch}", _SRC, lambda out: [
+        nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "--expt-relaxed-constexpr",
+        f"-gencode=arch=compute_{arch},code=sm_{arch}", "-o", str(out), str(_SRC)])
     dll.lowbit_w4a16.restype = ctypes.c_int
     dll.lowbit_w4a16.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 7 + [ctypes.c_void_p]
     dll.lowbit_w4a16_workspace.restype = ctypes.c_longlong

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.kernels import use_cpu_kernels, use_kernels
-from lowbit.kernels.cpu_wq import cpu_linear, cpu_pack
+from lowbit.kernels.cpu_wq import cpu_linear, cpu_pack, current_backend
 from lowbit.kernels.primitives import (dequantize, dequantize_groups, pack, packed_numel, quantize_weight,
                                        unpack)
 
@@ -20,7 +20,6 @@ from lowbit.layers.base import (_QuantLinear, _as_dtype, _as_spec, _grouped_shap
 
 # ----------------------------------------------------------------------------- weight-only
 
-CPU_KERNEL_MAX_ROWS = 8  # rows (tokens) up to which the CPU kernels beat dequantize + GEMM (cpu_profile.py)
 
 def _buffers_key(layer) -> tuple:
     """Identity and version of the buffers a packed copy is derived from: changes on assignment, .to()
@@ -147,10 +146,10 @@ class WeightOnlyLinear(_QuantLinear):
             if packed is not None:
                 from lowbit.kernels.wq_gemm import wq_linear
                 return wq_linear(x, packed, self.bias)
-        # fp32 CPU kernels are matrix-vector speed: decode steps (few rows) only; a prefill dequantizes once.
-        if use_cpu_kernels(x) and x.numel() <= CPU_KERNEL_MAX_ROWS * self.in_features:
+        if use_cpu_kernels(x):
             packed = self.cpu_weight()
-            if packed is not None:  # int8 per channel / <=4-bit groups: PyTorch's CPU kernels, no dequantize
+            # PyTorch's fp32 kernels are matrix-vector speed: decode-sized inputs only (cpu_wq.CpuPacked.max_rows)
+            if packed is not None and x.numel() <= packed.max_rows * self.in_features:
                 return cpu_linear(x, packed, self.out_features, self.bias)
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized_weight(x.dtype), b)
@@ -158,7 +157,7 @@ class WeightOnlyLinear(_QuantLinear):
     def cpu_weight(self):
         """The weight in a CPU kernel's layout (lowbit.kernels.cpu_wq.CpuPacked), built on first use and
         rebuilt when a buffer is replaced or written in place; None if no CPU kernel takes this grid."""
-        key = _buffers_key(self)
+        key = (_buffers_key(self), current_backend())
         if getattr(self, "_cpu_key", None) != key:
             self._cpu_packed, self._cpu_key = cpu_pack(self), key
         return self._cpu_packed

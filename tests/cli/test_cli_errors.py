@@ -95,6 +95,8 @@ def test_sparsity_and_budget_flags_refuse_in_one_line(tmp_path, capsys, argv, ne
     (["--format", "gguf", "--type", "Q4_K"], "error: --type Q4_K: the gguf package"),   # (0.19.0) can dequantize...
     (["--format", "gguf", "--type", "Q3_X"], "error: --type: unknown GGUF type 'Q3_X'"),
     (["--format", "gptq", "--type", "Q8_0"], "error: --type: only --format gguf takes a type (got --format gptq)"),
+    (["--format", "gguf", "--head-type", "Q3_X"], "error: --head-type: unknown GGUF type 'Q3_X'"),
+    (["--format", "onnx", "--head-type", "F32"], "error: --head-type: only --format gguf takes a type (got --format onnx)"),
     (["--format", "gptq"], "error: MODEL: --format gptq rewrites a quantized directory; name one"),
 ])
 def test_export_refusals_are_one_line_before_loading(tmp_path, capsys, argv, needle):

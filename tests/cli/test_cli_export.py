@@ -79,3 +79,8 @@ def test_export_gguf_of_the_default_model(tmp_path, capsys):
     assert r.fields["general.file_type"].contents() == 3 and len(r.tensors) == 272
     assert main(["export", "--format", "gguf", "-o", str(out)]) == 2          # exists: refused without --force
     assert "already exists" in capsys.readouterr().err
+    # --head-type F32: the head (the tied embedding) as lowbit runs it, read back unchanged
+    assert main(["export", "--format", "gguf", "--type", "Q4_1", "--head-type", "F32", "--force", "-o", str(out)]) == 0
+    assert "272 tensors (62 F32, 210 Q4_1)" in " ".join(capsys.readouterr().out.split())
+    emb = next(t for t in gguf.GGUFReader(str(out)).tensors if t.name == "token_embd.weight")
+    assert emb.tensor_type == gguf.GGMLQuantizationType.F32
