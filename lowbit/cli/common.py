@@ -46,3 +46,13 @@ def add_format_arg(p, default: str | None = "lowbit", extra: dict[str, str] | No
                         "llm-compressor), gptq or awq (the hub's layouts)"
                         + "".join(f", {k} ({v})" for k, v in extra.items())
                         + (f"; default {default}" if default else ""))
+
+
+def check_out_free(args) -> None:
+    """Refuse, before any work, an -o that exists unless --force was given (one line)."""
+    from pathlib import Path
+
+    from lowbit.errors import LowbitError
+
+    if Path(args.out).exists() and not args.force:
+        raise LowbitError(f"-o {args.out}: already exists (pass --force to replace it)")

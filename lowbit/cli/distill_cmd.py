@@ -1,7 +1,7 @@
 """`lowbit distill`: knowledge distillation (white-box or black-box) from a teacher into a student."""
 from __future__ import annotations
 
-from lowbit.cli.common import add_strict_arg, console
+from lowbit.cli.common import add_strict_arg, check_out_free, console
 
 
 def add_parser(sub) -> None:
@@ -26,13 +26,13 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from lowbit.cli.qat_cmd import check_data, check_out, print_log
+    from lowbit.cli.qat_cmd import check_data, print_log
     from lowbit.models.loader import load
     from lowbit.quant.options import config_from_args
     from lowbit.train.distill import DistillConfig, parse_blocks, run_distill, shallow_copy
 
     cfg = config_from_args(DistillConfig, args)
-    check_out(args)
+    check_out_free(args)
     check_data(args.data, self_ok=False)
     teacher, tok = load(args.teacher, dtype="fp32", device=args.device, strict=args.strict)
     if args.student_blocks:

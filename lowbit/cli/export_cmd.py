@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowbit.cli.common import add_format_arg, add_strict_arg, console
+from lowbit.cli.common import add_format_arg, add_strict_arg, check_out_free, console
 
 # Formats written from any model (a GGUF file, an HF directory, a quantized directory, or the default model),
 # not only from a quantized directory: name -> words for --format's help.
@@ -74,9 +74,8 @@ def _run_gguf(args) -> int:
     check_type(qtype)                   # refused before the model is loaded
     if args.head_type is not None:
         check_type(args.head_type, "--head-type")
+    check_out_free(args)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise LowbitError(f"-o {out}: already exists (pass --force to replace it)")
     if out.suffix != ".gguf" or out.is_dir():
         raise LowbitError(f"-o {out}: --format gguf writes one file; give a name ending in .gguf")
     model, tok = load(args.model, dtype="fp32", strict=args.strict)
@@ -93,9 +92,8 @@ def _run_onnx(args) -> int:
     from lowbit.export.onnx_graph import check_exportable, export_onnx
     from lowbit.models.loader import load
 
+    check_out_free(args)
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise LowbitError(f"-o {out}: already exists (pass --force to replace it)")
     if out.suffix == ".onnx":
         raise LowbitError(f"-o {out}: --format onnx writes a directory (model.onnx, config.json, the tokenizer); "
                           f"give a directory name")
@@ -119,8 +117,7 @@ def _rewrite_checkpoint(args) -> int:
 
     if args.model is None:
         raise LowbitError(f"MODEL: --format {args.format} rewrites a quantized directory; name one")
-    if Path(args.out).exists() and not args.force:
-        raise LowbitError(f"-o {args.out}: already exists (pass --force to replace it)")
+    check_out_free(args)
     if not Path(args.model).is_dir():
         raise LowbitError(f"{args.model}: not a directory (export reads a quantized checkpoint directory)")
     model, tok = load(args.model, dtype="fp32", strict=args.strict)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowbit.cli.common import add_format_arg, add_model_arg, console
+from lowbit.cli.common import add_format_arg, add_model_arg, check_out_free, console
 
 
 def add_parser(sub) -> None:
@@ -24,13 +24,6 @@ def add_parser(sub) -> None:
                    help="dtype of the unquantized tensors (embeddings, norms; default fp16)")
     add_config_flags(p.add_argument_group("training options"), QATConfig, skip=("kv_cache",))
     p.set_defaults(run=run)
-
-
-def check_out(args) -> None:
-    from lowbit.errors import LowbitError
-
-    if Path(args.out).exists() and not args.force:
-        raise LowbitError(f"-o {args.out}: already exists (pass --force to replace it)")
 
 
 def check_data(path: str, self_ok: bool) -> None:
@@ -68,7 +61,7 @@ def run(args) -> int:
     if cfg.act_bits and args.format != "lowbit":
         raise LowbitError(f"--act-bits {cfg.act_bits}: the int8-activation layers are simulation layers no other "
                           f"format holds; use --format lowbit (or --act-bits 0)")
-    check_out(args)
+    check_out_free(args)
     check_data(args.data, self_ok=True)
     model, tok = load(args.model, dtype="fp32", device=args.device, strict=args.strict)
     preflight(args.format, cfg, {m.in_features for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)})

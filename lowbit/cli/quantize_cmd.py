@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from lowbit.cli.common import add_format_arg, add_model_arg, console
+from lowbit.cli.common import add_format_arg, add_model_arg, check_out_free, console
 
 
 class _QuantizeParser(argparse.ArgumentParser):
@@ -71,8 +70,7 @@ def run(args) -> int:
     check_method(args.format, method_name)
     if getattr(method.cfg, "bits_budget", 0) and args.format != "lowbit":
         raise LowbitError(f"--bits-budget: --format {args.format} holds one bit width for every layer; use --format lowbit")
-    if Path(args.out).exists() and not args.force:
-        raise LowbitError(f"-o {args.out}: already exists (pass --force to replace it)")
+    check_out_free(args)
     model, tok = load(args.model, dtype=args.dtype, device=args.device, strict=args.strict)
     preflight(args.format, method.cfg, {m.in_features for m in model.model.layers.modules()
                                         if isinstance(m, torch.nn.Linear)})
