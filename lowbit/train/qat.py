@@ -75,9 +75,12 @@ class STEKVQuant(KVQuant):
 
 
 def block_linears(model) -> dict[str, nn.Module]:
-    """Dotted name -> module of every Linear-like layer inside the decoder blocks (what PTQ quantizes)."""
-    return {f"model.layers.{i}.{n}": m for i, layer in enumerate(model.model.layers)
-            for n, m in layer.named_modules() if isinstance(m, (nn.Linear, WeightOnlyLinear, QATLinear))}
+    """Dotted name -> module of every Linear of the decoder blocks, as the architecture record lists them
+    (the layout the PTQ walk quantizes)."""
+    layout = model.arch.layout
+    blocks = model.get_submodule(layout.blocks)
+    return {f"{layout.blocks}.{i}.{n}": block.get_submodule(n) for i, block in enumerate(blocks)
+            for n in layout.linears}
 
 
 def prepare_qat(model, cfg: QATConfig) -> list[nn.Parameter]:
