@@ -31,11 +31,12 @@ def build_library(name: str, src: Path, command: Callable[[Path], list[str]]) ->
         lib.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
             out = Path(tmp) / lib.name
+            argv = command(out)
             try:
-                r = subprocess.run(command(out), capture_output=True, text=True)
+                r = subprocess.run(argv, capture_output=True, text=True)
             except OSError as e:  # the compiler itself is missing
                 raise RuntimeError(str(e)) from None
             if r.returncode != 0:
-                raise RuntimeError(f"{command(out)[0]} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
+                raise RuntimeError(f"{argv[0]} failed: {(r.stderr or r.stdout).strip()[-2000:]}")
             os.replace(out, lib)
     return ctypes.CDLL(str(lib))

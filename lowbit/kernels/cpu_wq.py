@@ -73,9 +73,9 @@ def _cpu_tag() -> str:
 
 def build_c_kernel(march: str = "native") -> ctypes.CDLL:
     """Compile csrc/cpu_wq.c for `march` (gcc's -march; "native": this CPU) into the cache and load it."""
-    cc = os.environ.get("CC", "cc")
+    cc, tag = os.environ.get("CC", "cc"), _cpu_tag()
     dll = build_library(f"cpu_wq-{march}", _SRC, lambda out: [
-        cc, "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", f"-DLOWBIT_CPU_TAG={_cpu_tag()}",
+        cc, "-O3", f"-march={march}", "-fopenmp", "-fPIC", "-shared", f"-DLOWBIT_CPU_TAG={tag}",
         "-o", str(out), str(_SRC), "-lm"])
     dll.lowbit_cpu_wq.restype = ctypes.c_int
     dll.lowbit_cpu_wq.argtypes = ([ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -99,11 +99,6 @@ def c_kernel() -> ctypes.CDLL | None:
 
 def has_aten_kernels() -> bool:
     return hasattr(torch, "_weight_int8pack_mm") and hasattr(torch, "_weight_int4pack_mm_for_cpu")
-
-
-def has_cpu_kernels() -> bool:
-    """Whether any CPU weight-only kernel is there (lowbit's C kernel or PyTorch's)."""
-    return c_kernel() is not None or has_aten_kernels()
 
 
 def _column_groups(layer) -> torch.Tensor:

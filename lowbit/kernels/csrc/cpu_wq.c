@@ -13,7 +13,6 @@
  * checked by the caller: K % 32 == 0, G % 32 == 0, K % G == 0. Returns 0.
  */
 #include <stdint.h>
-#include <stdlib.h>
 #include <math.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
