@@ -12,6 +12,7 @@
  * ahead, since a decode step's rows are too short for the hardware prefetcher to ramp up. Requirements
  * checked by the caller: K % 32 == 0, G % 32 == 0, K % G == 0. Returns 0.
  */
+#include <stddef.h>
 #include <stdint.h>
 #include <math.h>
 #if defined(__AVX512F__) || defined(__AVX2__)
